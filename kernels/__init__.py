@@ -1,0 +1,1 @@
+"""Pallas attention kernels (TPU and GPU) and their pure-JAX references."""

@@ -1,0 +1,97 @@
+"""Attention core and its dispatch by `attention_impl`.
+
+The model computes q/k/v and calls `attend`; which implementation runs is a config choice:
+  xla    - einsum + explicit boolean mask (every case: padding, packing, KV cache)
+  pallas - our Pallas flash kernel (`unimm_jax.kernels.attention`), TPU or GPU by backend
+  cudnn  - jax.nn.dot_product_attention(implementation="cudnn") on GPU
+  auto   - pallas on TPU/GPU for long sequences, xla otherwise (CPU, decode, short sequences)
+Decode steps with a KV cache always take the masked xla path: one query row per step gains
+nothing from a flash kernel.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")
+
+
+def make_attention_mask(
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    causal: bool,
+) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: key j is visible to query i.
+
+    Segment ids: int32 [B, T] / [B, S]; 0 marks padding, which no real token attends to.
+    Positions: int32 slot indices [B, T] / [B, S] used for causality.
+    """
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] > 0)
+    if causal:
+        mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
+    return mask[:, None, :, :]
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention in float32 with grouped-query heads.
+
+    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: bool [B, 1, T, S] or None -> [B, T, Hq, D].
+    Fully masked rows (padding queries) return zeros instead of NaN.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    qg = q.reshape(b, t, hkv, group, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (d**-0.5)
+    if mask is not None:
+        m = mask[:, :, None, :, :]  # [B, 1, 1, T, S] broadcast over kv heads and groups
+        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        weights = jnp.where(m, weights, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def resolve_impl(impl: str, seq_len: int) -> str:
+    """Maps `auto` to a concrete implementation for the current backend."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r} is not one of {ATTENTION_IMPLS}.")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend in ("tpu", "gpu", "cuda") and seq_len >= 128:
+        return "pallas"
+    return "xla"
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    impl: str = "xla",
+    interpret: bool = False,
+) -> jax.Array:
+    """Causal self-attention over packed/padded sequences (no cache).
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; segment_ids int32 [B, T] (0 = padding);
+    positions int32 [B, T] (slot order for causality) -> [B, T, Hq, D].
+    """
+    impl = resolve_impl(impl, q.shape[1])
+    if impl == "xla":
+        mask = make_attention_mask(segment_ids, segment_ids, positions, positions, causal=True)
+        return xla_attention(q, k, v, mask)
+    if impl == "cudnn":
+        mask = make_attention_mask(segment_ids, segment_ids, positions, positions, causal=True)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    from unimm_jax import kernels  # imported lazily: the kernels package pulls in Pallas
+
+    backend = jax.default_backend()
+    kernel_impl = "pallas_gpu" if backend in ("gpu", "cuda") else "pallas_tpu"
+    return kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=kernel_impl, interpret=interpret)

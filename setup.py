@@ -50,10 +50,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "unimm-train=unimm_jax.cli.train:main",
-            "unimm-generate=unimm_jax.cli.generate:main",
-            "unimm-chat=unimm_jax.cli.chat:main",
-            "unimm-eval=unimm_jax.cli.eval:main",
+            # unimm-train / -generate / -chat / -eval are added with their issues (DESIGN.md names).
             "unimm-convert=unimm_jax.cli.convert:main",
         ]
     },

@@ -78,10 +78,15 @@ def detect_layout(path: str) -> str:
 
 
 class TensorSource:
-    """Tensors under transformers names; `extra_keys` are the raw keys with no Janus counterpart."""
+    """Tensors under transformers names; `extra` maps raw keys with no Janus counterpart to loaders."""
 
-    def __init__(self, read: Callable[[str], np.ndarray], names: list[str], extra: dict[str, Callable[[], np.ndarray]]):
+    def __init__(self, read: Callable[[str], np.ndarray], names: list[str], extra: dict[str, Callable[[], np.ndarray]],
+                 dtype_of: Callable[[str], np.dtype] | None = None):
         self._read, self.names, self.extra = read, set(names), extra
+        self._dtype_of = dtype_of
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._dtype_of(name) if self._dtype_of else self.read(name).dtype
 
     def read(self, name: str) -> np.ndarray:
         if name not in self.names:
@@ -93,7 +98,7 @@ def _raw_reader(path: str, stem: str = "model"):
     """(keys, read(key)) over safetensors or torch .bin files in `path`."""
     if glob.glob(os.path.join(path, f"{stem}*.safetensors")):
         r = SafetensorsReader.from_dir(path, stem)
-        return r.keys(), r.read
+        return r.keys(), r.read, lambda k: r.infos[k].dtype
     bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if bins:
         try:
@@ -112,18 +117,19 @@ def _raw_reader(path: str, stem: str = "model"):
                 return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
             return t.numpy().copy()
 
-        return list(tensors), read
+        return list(tensors), read, None
     raise CheckpointError(f"{path}: no weights found (model*.safetensors or pytorch_model*.bin).")
 
 
 def hf_source(path: str) -> TensorSource:
-    names, read = _raw_reader(path)
-    return TensorSource(read, names, {})
+    names, read, dtype_of = _raw_reader(path)
+    return TensorSource(read, names, {}, dtype_of)
 
 
 def deepseek_source(path: str) -> TensorSource:
-    raw_names, read = _raw_reader(path)
+    raw_names, read, raw_dtype = _raw_reader(path)
     mapping: dict[str, Callable[[], np.ndarray]] = {}
+    origin: dict[str, str] = {}
     extra = {}
     for k in raw_names:
         qkv = keys.qkv_parts_ds(k)
@@ -135,16 +141,20 @@ def deepseek_source(path: str) -> TensorSource:
                     n = t.shape[0] // 3
                     return t[j * n:(j + 1) * n].copy()
                 mapping[keys.qkv_hf_key(layer, which, leaf)] = part
+                origin[keys.qkv_hf_key(layer, which, leaf)] = k
             continue
         if k == keys.POS_EMBED_DS:
-            mapping[keys.POS_EMBED_HF] = lambda k=k: read(k).reshape(read(k).shape[-2:])
+            mapping[keys.POS_EMBED_HF] = lambda k=k: (lambda t: t.reshape(t.shape[-2:]))(read(k))
+            origin[keys.POS_EMBED_HF] = k
             continue
         hf = keys.deepseek_to_hf_name(k)
         if hf is None:
             extra[k] = lambda k=k: read(k)
         else:
             mapping[hf] = lambda k=k: read(k)
-    return TensorSource(lambda name: mapping[name](), list(mapping), extra)
+            origin[hf] = k
+    dtype_of = (lambda name: raw_dtype(origin[name])) if raw_dtype else None
+    return TensorSource(lambda name: mapping[name](), list(mapping), extra, dtype_of)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +203,33 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def import_params(source: TensorSource, model_cfg, dtype: str | None = None) -> dict:
+class LazyLeaf:
+    """A params leaf read from the source only when used (streaming hf/deepseek -> hf/deepseek).
+
+    The most recently loaded leaf is cached, so emitting a stacked leaf layer by layer reads it once.
+    """
+
+    _cache: tuple[int, np.ndarray] | None = None
+
+    def __init__(self, shape, dtype, load: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self._load = tuple(shape), np.dtype(dtype), load
+        self.ndim = len(self.shape)
+
+    def load(self) -> np.ndarray:
+        if LazyLeaf._cache is None or LazyLeaf._cache[0] != id(self):
+            LazyLeaf._cache = None  # drop the previous leaf before reading the next
+            LazyLeaf._cache = (id(self), self._load())
+        return LazyLeaf._cache[1]
+
+    def __getitem__(self, i):
+        return self.load()[i]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.load()
+        return a if dtype is None else a.astype(dtype)
+
+
+def import_params(source: TensorSource, model_cfg, dtype: str | None = None, lazy: bool = False) -> dict:
     """Builds the unimm params tree (numpy) from transformers-named tensors, one at a time.
 
     Every expected tensor must be present with the expected shape; the error names the key
@@ -204,26 +240,43 @@ def import_params(source: TensorSource, model_cfg, dtype: str | None = None) -> 
     for path, spec in _leaves(abstract_params(model_cfg)):
         entry = keys.entry_for(path, len(spec.shape))
         layers = spec.shape[0] if entry.layered else 1
-        inner = spec.shape[1:] if entry.layered else spec.shape
-        out = None
-        for i, key in enumerate(entry.keys(layers)):
-            t = source.read(key)
-            want = keys.torch_shape(entry.kind, inner)
-            if tuple(t.shape) != want:
-                raise CheckpointError(
-                    f"tensor {key!r} has shape {tuple(t.shape)} but the model config expects {want} "
-                    f"(unimm parameter {'/'.join(path)}). Check that config.json matches the weights."
-                )
-            value = entry.from_torch(t, inner)
-            if dtype is not None:
-                value = value.astype(dtype)
-            if out is None:
-                out = np.empty(spec.shape, value.dtype)
-            (out[i] if entry.layered else out)[...] = value
-            used.add(key)
-            del t, value
-        _set(params, path, out)
+        if lazy:
+            names = entry.keys(layers)
+            missing = [k for k in names if k not in source.names]
+            if missing:
+                raise CheckpointError(f"tensor {missing[0]!r} is missing from the checkpoint.")
+            used.update(names)
+            leaf_dtype = np.dtype(dtype) if dtype else source.dtype(names[0])
+            _set(params, path, LazyLeaf(spec.shape, leaf_dtype,
+                                        lambda e=entry, s=spec: _read_leaf(source, e, s, dtype)))
+            continue
+        _set(params, path, _read_leaf(source, entry, spec, dtype))
+        used.update(entry.keys(layers))
     return params, sorted(source.names - used)
+
+
+def _read_leaf(source: TensorSource, entry: keys.Entry, spec, dtype: str | None) -> np.ndarray:
+    """One unimm leaf from its transformers tensor(s), checking every shape."""
+    path = entry.path
+    layers = spec.shape[0] if entry.layered else 1
+    inner = spec.shape[1:] if entry.layered else spec.shape
+    out = None
+    for i, key in enumerate(entry.keys(layers)):
+        t = source.read(key)
+        want = keys.torch_shape(entry.kind, inner)
+        if tuple(t.shape) != want:
+            raise CheckpointError(
+                f"tensor {key!r} has shape {tuple(t.shape)} but the model config expects {want} "
+                f"(unimm parameter {'/'.join(path)}). Check that config.json matches the weights."
+            )
+        value = entry.from_torch(t, inner)
+        if dtype is not None:
+            value = value.astype(dtype)
+        if out is None:
+            out = np.empty(spec.shape, value.dtype)
+        (out[i] if entry.layered else out)[...] = value
+        del t, value
+    return out
 
 
 def hf_plan(params: dict, model_cfg, dtype: str | None = None) -> list[PlannedTensor]:
@@ -235,10 +288,10 @@ def hf_plan(params: dict, model_cfg, dtype: str | None = None) -> list[PlannedTe
         if entry.layered:
             for i, key in enumerate(entry.keys(arr.shape[0])):
                 shape = keys.torch_shape(entry.kind, arr.shape[1:])
-                plan.append(PlannedTensor(key, shape, out_dtype, lambda a=arr, i=i, e=entry: e.to_torch(np.asarray(a[i])).astype(out_dtype)))
+                plan.append(PlannedTensor(key, shape, out_dtype, lambda a=arr, i=i, e=entry: e.to_torch(np.asarray(a[i])).astype(out_dtype, copy=False)))
         else:
             shape = keys.torch_shape(entry.kind, arr.shape)
-            plan.append(PlannedTensor(entry.key, shape, out_dtype, lambda a=arr, e=entry: e.to_torch(np.asarray(a)).astype(out_dtype)))
+            plan.append(PlannedTensor(entry.key, shape, out_dtype, lambda a=arr, e=entry: e.to_torch(np.asarray(a)).astype(out_dtype, copy=False)))
     return plan
 
 
@@ -282,8 +335,12 @@ class Checkpoint:
         self.side_dir = side_dir  # directory whose tokenizer/processor files travel along
 
 
-def read_checkpoint(path: str, dtype: str | None = None) -> Checkpoint:
-    """Reads any of the three layouts into a Checkpoint (numpy params)."""
+def read_checkpoint(path: str, dtype: str | None = None, lazy: bool = False) -> Checkpoint:
+    """Reads any of the three layouts into a Checkpoint (numpy params).
+
+    lazy: for hf/deepseek sources, leaves are LazyLeaf objects read on use, so a conversion to
+    another safetensors layout holds one leaf at a time (unimm sources load fully).
+    """
     layout = detect_layout(path)
     if layout == "unimm":
         from unimm_jax.convert.unimm_format import read_unimm
@@ -297,7 +354,7 @@ def read_checkpoint(path: str, dtype: str | None = None) -> Checkpoint:
     else:
         cfg = config_from_deepseek(read_json(os.path.join(path, "config.json")), tok_ids)
         source = deepseek_source(path)
-    params, unused = import_params(source, cfg, dtype)
+    params, unused = import_params(source, cfg, dtype, lazy)
     extras = {k: source.extra[k]() for k in source.extra}
     if layout == "hf":
         extras.update({k: source.read(k) for k in unused})
@@ -334,7 +391,7 @@ def _copy_side_files(src_dir: str | None, dst_dir: str):
 
 
 def _np_params(params):
-    return jax.tree.map(np.asarray, params)
+    return jax.tree.map(lambda x: x if isinstance(x, LazyLeaf) else np.asarray(x), params)
 
 
 def write_checkpoint(ckpt: Checkpoint, dst: str, fmt: str, dtype: str | None = None,
@@ -343,6 +400,8 @@ def write_checkpoint(ckpt: Checkpoint, dst: str, fmt: str, dtype: str | None = N
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {FORMATS}.")
     params = _np_params(ckpt.params)
+    if fmt == "unimm":
+        params = jax.tree.map(np.asarray, params)
     first = next(iter(jax.tree.leaves(params)))
     dtype_name = str(np.dtype(dtype) if dtype else first.dtype)
     extras = ckpt.extras if ckpt.extras_format == fmt else {}

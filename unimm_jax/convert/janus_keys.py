@@ -53,7 +53,20 @@ def _from_torch(kind: str, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of the torch tensor for a unimm array of `shape` (without the layer axis)."""
-    return tuple(_to_torch(kind, np.empty(shape, np.int8)).shape)
+    shape = tuple(shape)
+    if kind == "copy":
+        return shape
+    if kind == "linear":
+        return shape[::-1]
+    if kind == "heads_in":
+        return (int(np.prod(shape[1:])), shape[0])
+    if kind == "heads_bias":
+        return (int(np.prod(shape)),)
+    if kind == "heads_out":
+        return (shape[-1], int(np.prod(shape[:-1])))
+    if kind == "conv":
+        return (shape[3], shape[2], shape[0], shape[1])
+    raise KeyError(kind)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ setup(
         "orbax-checkpoint",
         "grain",
         "tensorflow-datasets",
+        "importlib_resources",  # tensorflow-datasets needs it but only declares it for old Pythons
         "ml-collections",
         "clu",
         "safetensors",

@@ -1,0 +1,40 @@
+"""The shipped configs hold the reference's exact values and pass validation."""
+import importlib.util
+import os
+
+import pytest
+
+from unimm_jax.models.janus_config import num_image_tokens, num_understanding_tokens, validate_janus_config
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def load(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.mark.parametrize("name,hidden,layers,heads,inter", [("janus_pro_1b", 2048, 24, 16, 5632), ("janus_pro_7b", 4096, 30, 32, 11008)])
+def test_janus_pro_sizes(name, hidden, layers, heads, inter):
+    m = load(name).model
+    validate_janus_config(m)
+    assert (m.llm.hidden_size, m.llm.num_layers, m.llm.num_heads, m.llm.num_kv_heads, m.llm.intermediate_size) == (hidden, layers, heads, heads, inter)
+    assert m.llm.vocab_size == 102400 and m.llm.head_dim == 128 and m.llm.rope_theta == 10000.0
+    assert (m.vision.hidden_size, m.vision.num_layers, m.vision.patch_size, m.vision.image_size) == (1024, 24, 16, 384)
+    assert (m.vq.codebook_size, m.vq.codebook_dim) == (16384, 8)
+    assert num_image_tokens(m) == num_understanding_tokens(m) == 576
+    assert m.gen_head.hidden_size == hidden and not m.llm.tie_word_embeddings
+
+
+def test_validation_names_field_and_fix():
+    m = load("janus_tiny").model
+    validate_janus_config(m)
+    m.llm.num_kv_heads = 3
+    with pytest.raises(ValueError, match=r"model\.llm\.num_kv_heads=3 is out of range: must divide num_heads=4"):
+        validate_janus_config(m)
+    m = load("janus_tiny").model
+    m.vq.base_channels = 48
+    with pytest.raises(ValueError, match=r"channel_multiplier\[0\]=1.*=48 must be a multiple of norm_groups=32"):
+        validate_janus_config(m)

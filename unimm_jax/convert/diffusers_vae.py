@@ -99,9 +99,8 @@ def _canonical_key(key: str) -> str:
 def expected_torch_shapes(config: VAEConfig) -> dict[str, tuple[int, ...]]:
     """Every diffusers key the model needs, with its torch shape (derived from the Flax init)."""
     s = 2 * config.downsample_factor
-    shapes = jax.eval_shape(
-        lambda: nn.unbox(AutoencoderKL(config).init(jax.random.PRNGKey(0), np.zeros((1, s, s, config.in_channels), np.float32))["params"])
-    )
+    x = np.zeros((1, s, s, config.in_channels), np.float32)
+    shapes = jax.eval_shape(lambda: nn.unbox(AutoencoderKL(config).init(jax.random.PRNGKey(0), x)["params"]))
     out = {}
     for path, leaf in traverse_util.flatten_dict(shapes).items():
         out[path_to_torch_key(path[:-1]) + (".bias" if path[-1] == "bias" else ".weight")] = _torch_shape(leaf.shape)

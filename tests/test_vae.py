@@ -47,6 +47,9 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinyvae")
     m = _tiny_torch_vae()
     m.save_pretrained(d)
+    import unimm_jax
+
+    assert unimm_jax.load_vae is load_vae  # the public entry point
     return m, str(d), load_vae(d)
 
 

@@ -9,5 +9,6 @@
 __version__ = "0.1.0"
 
 from unimm_jax.api import JanusModel, load_pretrained, save_pretrained  # noqa: E402
+from unimm_jax.models.vae import load_vae  # noqa: E402
 
-__all__ = ["JanusModel", "load_pretrained", "save_pretrained", "__version__"]
+__all__ = ["JanusModel", "load_pretrained", "save_pretrained", "load_vae", "__version__"]

@@ -1,0 +1,391 @@
+"""Flash attention for GPU in Pallas (Triton lowering): forward, dq and dk/dv kernels.
+
+Public entry: `flash_attention(q, k, v, *, causal, segment_ids=None, scale=None, ...)` with
+q [B, T, Hq, D], k/v [B, S, Hkv, D]; returns [B, T, Hq, D] in q's dtype, differentiable
+through a `jax.custom_vjp` whose backward runs two Pallas kernels.
+
+Arrays keep the [B, T, H, D] layout (a block is a strided [rows, D] tile of one head).
+Triton needs power-of-two tiles, so T and S are padded to block multiples (padded keys are
+masked, padded query rows sliced away) and D to a power of two >= 16 (zero columns change
+no dot product).
+
+ * forward: grid (B, Hq, T/bq); each program loops over kv blocks with an online softmax.
+   K/V blocks come from kv head h // G through the index map (grouped-query attention
+   without repeated K/V); causal programs stop at their last visible kv block.
+ * dq:      grid (B, Hq, T/bq); loops over kv blocks.
+ * dk/dv:   grid (B, Hkv, S/bk); loops over the G query heads of its kv head and their q
+   blocks (starting at the first visible one when causal), summing in registers.
+
+On CPU pass `interpret=True` (Pallas' generic interpreter runs the same kernels).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from . import masking
+from .masking import MASK_VALUE
+from .tiling import next_pow2, pad_axis, round_up
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_TN = (((0,), (0,)), ((), ()))  # a.T @ b
+_MIN_BLOCK = 16  # smallest tile Triton's dot accepts
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles: forward (block_q, block_kv) and backward (block_q_bwd, block_kv_bwd).
+
+  Powers of two. Defaults suit head dim 64-128 on A100/H100; tune per model.
+  """
+  block_q: int = 128
+  block_kv: int = 64
+  block_q_bwd: int = 64
+  block_kv_bwd: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  causal: bool
+  scale: float
+  offset: int  # S - T (real lengths)
+  kv_len: int  # real S
+  kv_padded: bool
+  group: int  # query heads per kv head
+  segmented: bool
+  blocks: BlockSizes  # already clipped to the (padded) sequence lengths
+  interpret: bool
+
+
+def _logits(cfg: _Cfg, q, k):
+  return lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+
+
+def _mask(cfg: _Cfg, q_start, kv_start, bq, bk, q_seg, kv_seg):
+  rows = q_start + jnp.arange(bq, dtype=jnp.int32)
+  cols = kv_start + jnp.arange(bk, dtype=jnp.int32)
+  return masking.attend_mask(
+      rows[:, None], cols[None, :], causal=cfg.causal, offset=cfg.offset, kv_len=cfg.kv_len,
+      kv_padded=cfg.kv_padded,
+      q_seg=None if q_seg is None else q_seg[:, None],
+      kv_seg=None if kv_seg is None else kv_seg[None, :])
+
+
+def _kv_stop(cfg: _Cfg, q_block, bq, bk, num_kv_blocks):
+  """One past the last kv block that q block `q_block` (of size bq) must visit."""
+  if not cfg.causal:
+    return num_kv_blocks
+  last_row = q_block * bq + (bq - 1) + cfg.offset
+  # Rows that see nothing (last_row < 0) give stop == 0: the loop does not run.
+  stop = jnp.where(last_row < 0, 0, masking.div_nonneg(jnp.maximum(last_row, 0), bk) + 1)
+  return jnp.minimum(stop, num_kv_blocks)
+
+
+def _kv_full_stop(cfg: _Cfg, q_block, bq, bk, num_kv_blocks, stop):
+  """kv blocks [0, result) need no mask for q block `q_block`: fully below the causal
+  diagonal, no kv padding, no segments. The rest, up to `stop`, are masked."""
+  if cfg.segmented:
+    return 0
+  full = stop
+  if cfg.causal:  # kv block j is full iff (j + 1) * bk - 1 <= first row + offset
+    first_row = q_block * bq + cfg.offset
+    full = jnp.minimum(full, masking.div_nonneg(jnp.maximum(first_row + 1, 0), bk))
+  if cfg.kv_padded:
+    full = jnp.minimum(full, num_kv_blocks - 1)
+  return full
+
+
+def _q_full_start(cfg: _Cfg, kv_block, bq, bk, num_q_blocks, start):
+  """For kv block `kv_block`, q blocks [start, result) need a mask and [result, end) not."""
+  if cfg.segmented:
+    return num_q_blocks
+  full = start
+  if cfg.causal:  # q block i is full iff i * bq + offset >= last key of the block
+    last_key = (kv_block + 1) * bk - 1
+    full = jnp.maximum(full, masking.div_nonneg(
+        jnp.maximum(last_key - cfg.offset + bq - 1, 0), bq))
+  if cfg.kv_padded:
+    last = kv_block == pl.num_programs(2) - 1
+    full = lax.select(last, jnp.int32(num_q_blocks), jnp.asarray(full, jnp.int32))
+  return jnp.minimum(full, num_q_blocks)
+
+
+def _q_start(cfg: _Cfg, kv_block, bq, bk):
+  """First q block that can see kv block `kv_block` (causal), else 0."""
+  if not cfg.causal:
+    return 0
+  return masking.div_nonneg(jnp.maximum(kv_block * bk - cfg.offset, 0), bq)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg: _Cfg):
+  bq, bk = cfg.blocks.block_q, cfg.blocks.block_kv
+  i = pl.program_id(2)
+  q = q_ref[...]  # [bq, Dp]
+  q_seg = None if qseg_ref is None else qseg_ref[...]
+
+  def body(j, carry, masked):
+    acc, m_prev, l_prev = carry
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    s = _logits(cfg, q, k)  # [bq, bk] f32
+    mask = None
+    if masked:
+      kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(start, bk)]
+      mask = _mask(cfg, i * bq, start, bq, bk, q_seg, kv_seg)
+    if mask is not None:
+      s = jnp.where(mask, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, s.max(axis=1))
+    p = jnp.exp(s - m_next[:, None])
+    if mask is not None:
+      p = jnp.where(mask, p, 0.0)  # rows with nothing allowed yet keep l == 0
+    alpha = jnp.exp(m_prev - m_next)
+    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc * alpha[:, None] + pv, m_next, alpha * l_prev + p.sum(axis=1)
+
+  num_kv_blocks = k_ref.shape[0] // bk
+  stop = _kv_stop(cfg, i, bq, bk, num_kv_blocks)
+  full = _kv_full_stop(cfg, i, bq, bk, num_kv_blocks, stop)
+  carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+           jnp.zeros((bq,), jnp.float32))
+  carry = lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
+  acc, m, l = lax.fori_loop(full, stop, functools.partial(body, masked=True), carry)
+  o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
+  if lse_ref is not None:
+    # +inf for rows that saw nothing: the backward's exp(s - lse) is then exactly 0.
+    lse_ref[...] = jnp.where(l > 0.0, m + jnp.log(l), jnp.inf)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do_ref,
+               dq_ref, *, cfg: _Cfg):
+  bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_kv_bwd
+  i = pl.program_id(2)
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]  # [bq] f32
+  q_seg = None if qseg_ref is None else qseg_ref[...]
+
+  def body(j, dq, masked):
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    s = _logits(cfg, q, k)
+    if masked:
+      kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(start, bk)]
+      mask = _mask(cfg, i * bq, start, bq, bk, q_seg, kv_seg)
+      if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    # Masked logits are MASK_VALUE and lse is finite (or +inf), so p is exactly 0 there.
+    p = jnp.exp(s - lse[:, None])
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, None])
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  num_kv_blocks = k_ref.shape[0] // bk
+  stop = _kv_stop(cfg, i, bq, bk, num_kv_blocks)
+  full = _kv_full_stop(cfg, i, bq, bk, num_kv_blocks, stop)
+  dq = lax.fori_loop(0, full, functools.partial(body, masked=False),
+                     jnp.zeros(q.shape, jnp.float32))
+  dq = lax.fori_loop(full, stop, functools.partial(body, masked=True), dq)
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do_ref,
+                dk_ref, dv_ref, *, cfg: _Cfg):
+  # q_ref/do_ref: [Tp, G, Dp] (the G query heads of this kv head); lse/delta: [G, Tp].
+  bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_kv_bwd
+  j = pl.program_id(2)
+  k, v = k_ref[...], v_ref[...]  # [bk, Dp]
+  kv_seg = None if kvseg_ref is None else kvseg_ref[...]
+  num_q_blocks = q_ref.shape[0] // bq
+  first = _q_start(cfg, j, bq, bk)
+
+  def q_step(i, carry, g, masked):
+    dk, dv = carry
+    start = pl.multiple_of(i * bq, bq)
+    q = q_ref[pl.ds(start, bq), g, :]
+    do = do_ref[pl.ds(start, bq), g, :]
+    lse = lse_ref[g, pl.ds(start, bq)]
+    delta = delta_ref[g, pl.ds(start, bq)]
+    s = _logits(cfg, q, k)  # [bq, bk]
+    if masked:
+      q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, bq)]
+      mask = _mask(cfg, start, j * bk, bq, bk, q_seg, kv_seg)
+      if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    p = jnp.exp(s - lse[:, None])
+    dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, None])
+    dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
+    return dk, dv
+
+  full = _q_full_start(cfg, j, bq, bk, num_q_blocks, first)
+
+  def head_step(g, carry):
+    carry = lax.fori_loop(first, full, functools.partial(q_step, g=g, masked=True), carry)
+    return lax.fori_loop(full, num_q_blocks, functools.partial(q_step, g=g, masked=False),
+                         carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = lax.fori_loop(0, cfg.group, head_step, (zeros, zeros))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ------------------------------------------------------------------------- pallas calls
+
+
+def _params(cfg: _Cfg, d: int, tile: int):
+  if cfg.interpret:
+    return dict(interpret=True)
+  warps = 4 if d <= 64 or tile < 64 * 64 else 8
+  return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=2))
+
+
+def _forward(q, k, v, seg, cfg: _Cfg, save_lse: bool):
+  """q [B,Tp,Hq,Dp], k/v [B,Sp,Hkv,Dp] -> o (and lse [B,Hq,Tp] f32)."""
+  b, tp, hq, d = q.shape
+  sp = k.shape[1]
+  bq, grp = cfg.blocks.block_q, cfg.group
+  in_specs = [
+      pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+      pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, masking.div_nonneg(h, grp), 0)),
+      pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, masking.div_nonneg(h, grp), 0)),
+      None if seg is None else pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i)),
+      None if seg is None else pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
+  ]
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+               pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)) if save_lse else None]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((b, hq, tp), jnp.float32) if save_lse else None]
+  o, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg),
+      grid=(b, hq, tp // bq),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      name="flash_fwd_gpu",
+      **_params(cfg, d, bq * cfg.blocks.block_kv),
+  )(q, k, v, seg, seg)
+  return o, lse
+
+
+def _backward(q, k, v, seg, o, lse, do, cfg: _Cfg):
+  b, tp, hq, d = q.shape
+  sp, hkv = k.shape[1], k.shape[2]
+  bq, bk, grp = cfg.blocks.block_q_bwd, cfg.blocks.block_kv_bwd, cfg.group
+  # delta_i = sum_d o_id * do_id: the softmax-Jacobian term of dS; cheap, so plain XLA.
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  tile = bq * bk
+
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg),
+      grid=(b, hq, tp // bq),
+      in_specs=[
+          pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+          pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, masking.div_nonneg(h, grp), 0)),
+          pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, masking.div_nonneg(h, grp), 0)),
+          None if seg is None else pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i)),
+          None if seg is None else pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
+          pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
+          pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
+          pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      name="flash_dq_gpu",
+      **_params(cfg, d, tile),
+  )(q, k, v, seg, seg, lse, delta, do)
+
+  # The G query heads of kv head h are heads [h*G, (h+1)*G): one block of size G.
+  group_rows = pl.BlockSpec((None, tp, grp, d), lambda b_, h, j: (b_, 0, h, 0))
+  group_stats = pl.BlockSpec((None, grp, tp), lambda b_, h, j: (b_, h, 0))
+  kv_block = pl.BlockSpec((None, bk, None, d), lambda b_, h, j: (b_, j, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg),
+      grid=(b, hkv, sp // bk),
+      in_specs=[
+          group_rows,
+          kv_block,
+          kv_block,
+          None if seg is None else pl.BlockSpec((None, tp), lambda b_, h, j: (b_, 0)),
+          None if seg is None else pl.BlockSpec((None, bk), lambda b_, h, j: (b_, j)),
+          group_stats,
+          group_stats,
+          group_rows,
+      ],
+      out_specs=[kv_block, kv_block],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      name="flash_dkv_gpu",
+      **_params(cfg, d, tile),
+  )(q, k, v, seg, seg, lse, delta, do)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, seg, cfg: _Cfg):
+  return _forward(q, k, v, seg, cfg, save_lse=False)[0]
+
+
+def _flash_fwd(q, k, v, seg, cfg: _Cfg):
+  o, lse = _forward(q, k, v, seg, cfg, save_lse=True)
+  return o, (q, k, v, seg, o, lse)
+
+
+def _flash_bwd(cfg: _Cfg, res, do):
+  q, k, v, seg, o, lse = res
+  dq, dk, dv = _backward(q, k, v, seg, o, lse, do, cfg)
+  return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _clip(block: int, length: int) -> int:
+  if block < _MIN_BLOCK or block & (block - 1):
+    raise ValueError(f"GPU flash attention block sizes must be powers of two >= {_MIN_BLOCK}; "
+                     f"got {block}.")
+  return min(block, max(next_pow2(length), _MIN_BLOCK))
+
+
+def flash_attention(q, k, v, *, causal: bool, segment_ids=None, scale=None,
+                    block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """GPU flash attention. Inputs are assumed validated (see `unimm_jax.kernels.attention`).
+
+  Args:
+    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D], Hq % Hkv == 0; float32, bfloat16 or float16.
+    causal: bottom-right aligned causal mask.
+    segment_ids: optional int32 [B, T] (S == T).
+    scale: softmax scale, default 1/sqrt(D).
+    block_sizes: tiles (powers of two >= 16), default `BlockSizes()`.
+    interpret: run the kernels in Pallas' interpreter (CPU testing).
+  Returns:
+    [B, T, Hq, D] in q's dtype.
+  """
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  req = block_sizes or BlockSizes()
+  blocks = BlockSizes(_clip(req.block_q, t), _clip(req.block_kv, s),
+                      _clip(req.block_q_bwd, t), _clip(req.block_kv_bwd, s))
+  # Pad to a multiple of both the forward and backward tiles (powers of two: the larger).
+  tp = round_up(t, max(blocks.block_q, blocks.block_q_bwd))
+  sp = round_up(s, max(blocks.block_kv, blocks.block_kv_bwd))
+  dp = max(next_pow2(d), _MIN_BLOCK)
+  cfg = _Cfg(causal=bool(causal), scale=float(1.0 / math.sqrt(d) if scale is None else scale),
+             offset=s - t, kv_len=s, kv_padded=sp != s, group=hq // hkv,
+             segmented=segment_ids is not None, blocks=blocks, interpret=bool(interpret))
+  pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, dp)
+  seg = (None if segment_ids is None
+         else pad_axis(segment_ids.astype(jnp.int32), 1, max(tp, sp), -1))
+  o = _flash(pad(q, tp), pad(k, sp), pad(v, sp), seg, cfg)
+  return o[:, :t, :, :d]

@@ -54,6 +54,7 @@ class JanusModel:
         self.module = Janus(config)
         self._checkpoint = checkpoint  # keeps passthrough extras and tokenizer files for save_pretrained
         self._jit = {}
+        self.checkpoint_dir = None  # the directory actually loaded (set by load_pretrained)
 
     def _call(self, method: str, *args):
         if method not in self._jit:
@@ -129,6 +130,37 @@ class JanusModel:
             raise ValueError(f"image_tokens must be codes in [0, {self.config.vq.codebook_size}).")
         return self._call("vq_decode", jnp.asarray(codes, jnp.int32))
 
+    # -- sampling (unimm_jax/sample) -------------------------------------------------------------
+    def generate_text(self, input_ids, pixel_values=None, *, max_new_tokens, temperature=0.0, top_k=None,
+                      top_p=None, seed=0, attention_mask=None, max_batch=None, progress=False):
+        """Sampled (temperature 0: greedy) answers: int32 [B, max_new_tokens], pad id after EOS.
+
+        input_ids: a list of prompts of any lengths, or int [B, T] (+ left-padding attention_mask);
+        image placeholders are filled from pixel_values [M, H, W, 3] in [-1, 1], in order.
+        max_batch caps the rows decoded at once (default: as many as fit in device memory).
+        """
+        from unimm_jax.sample.generate import generate_text
+
+        return generate_text(self, input_ids, pixel_values, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, seed=seed, attention_mask=attention_mask,
+                             max_batch=max_batch, progress=progress)
+
+    def generate_image_tokens(self, input_ids, *, num_images=1, cfg_weight=5.0, temperature=1.0, top_k=None,
+                              top_p=None, seed=0, pad_token_id=None, attention_mask=None, max_batch=None,
+                              progress=False):
+        """Image codes with classifier-free guidance: int32 [B * num_images, N], prompt-major.
+
+        Prompts end with <begin_of_image>; the unconditional prompt replaces every token but BOS
+        and BOI with pad_token_id (None: config.tokens.pad_token_id); logits u + cfg_weight (c - u).
+        max_batch caps the images decoded at once (each is two rows with CFG).
+        """
+        from unimm_jax.sample.generate import generate_image_tokens
+
+        return generate_image_tokens(self, input_ids, num_images=num_images, cfg_weight=cfg_weight,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                     pad_token_id=pad_token_id, attention_mask=attention_mask,
+                                     max_batch=max_batch, progress=progress)
+
 
 def load_pretrained(path: str, mesh: Mesh | None = None, dtype: str | None = None) -> JanusModel:
     """Loads a transformers, DeepSeek-original or unimm Janus checkpoint directory.
@@ -136,10 +168,33 @@ def load_pretrained(path: str, mesh: Mesh | None = None, dtype: str | None = Non
     mesh: place parameters sharded over it by the logical axis rules (None: default device).
     dtype: cast parameters (None keeps the checkpoint's dtype).
     """
-    ckpt = read_checkpoint(os.fspath(path), dtype)
+    path = resolve_checkpoint_dir(os.fspath(path))
+    ckpt = read_checkpoint(path, dtype)
     params = place_params(ckpt.params, ckpt.config, mesh)
     ckpt.params = None  # the numpy copy is no longer needed
-    return JanusModel(ckpt.config, params, mesh, ckpt)
+    model = JanusModel(ckpt.config, params, mesh, ckpt)
+    model.checkpoint_dir = path
+    return model
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """`path` if it is a checkpoint; `path/model` if `path` is a training workdir that exported one."""
+    from unimm_jax.convert.checkpoints import detect_layout
+    from unimm_jax.convert.safetensors_io import CheckpointError
+
+    try:
+        detect_layout(path)
+        return path
+    except CheckpointError as err:
+        inner = os.path.join(path, "model")
+        if os.path.isdir(inner):
+            try:
+                detect_layout(inner)
+                return inner
+            except CheckpointError as inner_err:
+                raise CheckpointError(f"{path} is not a checkpoint and its model/ subdirectory is not one either: "
+                                      f"{inner_err}") from None
+        raise CheckpointError(f"{err} (A training workdir works too once unimm-train has exported WORKDIR/model.)") from None
 
 
 def save_pretrained(model: JanusModel, out_dir: str, format: str = "unimm", dtype: str | None = None, overwrite: bool = False) -> None:

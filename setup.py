@@ -53,6 +53,8 @@ setup(
         "console_scripts": [
             # unimm-train / -generate / -chat / -eval are added with their issues (DESIGN.md names).
             "unimm-convert=unimm_jax.cli.convert:main",
+            "unimm-generate=unimm_jax.cli.generate:main",
+            "unimm-chat=unimm_jax.cli.chat:main",
         ]
     },
 )

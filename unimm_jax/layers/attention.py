@@ -2,11 +2,15 @@
 
 The model computes q/k/v and calls `attend`; which implementation runs is a config choice:
   xla    - einsum + explicit boolean mask (every case: padding, packing, KV cache)
-  pallas - our Pallas flash kernel (`unimm_jax.kernels.attention`), TPU or GPU by backend
+  pallas - our Pallas flash kernel (`unimm_jax.kernels.attention`), TPU or GPU by backend;
+           on CPU it runs in Pallas' interpreter (tests), which is slow but exact
+  splash - JAX's Pallas TPU splash kernel (layers/splash.py); interpreted on CPU
   cudnn  - jax.nn.dot_product_attention(implementation="cudnn") on GPU
   auto   - pallas on TPU/GPU for long sequences, xla otherwise (CPU, decode, short sequences)
 Decode steps with a KV cache always take the masked xla path: one query row per step gains
-nothing from a flash kernel.
+nothing from a flash kernel. Under a multi-device mesh (jax.set_mesh / `with mesh:`) the
+kernels run per shard under shard_map (batch over data/fsdp, heads over tensor), because XLA
+cannot partition a custom kernel by itself.
 """
 from __future__ import annotations
 
@@ -90,8 +94,50 @@ def attend(
     if impl == "cudnn":
         mask = make_attention_mask(segment_ids, segment_ids, positions, positions, causal=True)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
-    from unimm_jax import kernels  # imported lazily: the kernels package pulls in Pallas
-
     backend = jax.default_backend()
-    kernel_impl = "pallas_gpu" if backend in ("gpu", "cuda") else "pallas_tpu"
-    return kernels.attention(q, k, v, causal=True, segment_ids=segment_ids, impl=kernel_impl, interpret=interpret)
+    interpret = interpret or backend == "cpu"  # Pallas kernels only run interpreted on CPU
+    if impl == "splash":
+        if backend not in ("tpu", "cpu"):
+            raise ValueError(f"attention_impl='splash' is a TPU kernel; on {backend} use 'pallas', 'cudnn' or 'xla'.")
+        from unimm_jax.layers.splash import splash_attention
+
+        run = lambda q, k, v, seg: splash_attention(q, k, v, seg, interpret=interpret)
+    else:
+        from unimm_jax import kernels  # imported lazily: the kernels package pulls in Pallas
+
+        kernel_impl = "pallas_gpu" if backend in ("gpu", "cuda") else "pallas_tpu"
+        run = lambda q, k, v, seg: kernels.attention(
+            q, k, v, causal=True, segment_ids=seg, impl=kernel_impl, interpret=interpret
+        )
+    return _per_shard(run, q, k, v, segment_ids)
+
+
+def _current_mesh():
+    """The mesh set by jax.set_mesh or a `with mesh:` block, if it has more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        from jax._src import mesh as mesh_lib  # `with Mesh(...)`: the physical mesh context
+
+        mesh = mesh_lib.thread_resources.env.physical_mesh
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def _per_shard(run, q, k, v, segment_ids):
+    """Runs a kernel under shard_map over the current mesh: batch over data/fsdp, heads over tensor."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return run(q, k, v, segment_ids)
+    from jax.sharding import PartitionSpec as P
+
+    names = mesh.axis_names
+    batch = tuple(a for a in ("data", "fsdp") if a in names and mesh.shape[a] > 1)
+    n_batch = 1
+    for a in batch:
+        n_batch *= mesh.shape[a]
+    heads = "tensor" if "tensor" in names and mesh.shape["tensor"] > 1 and k.shape[2] % mesh.shape["tensor"] == 0 else None
+    if q.shape[0] % n_batch:
+        batch = ()  # a batch that does not split (e.g. one prompt): replicate it across batch axes
+    spec = P(batch or None, None, heads, None)
+    return jax.shard_map(
+        run, mesh=mesh, in_specs=(spec, spec, spec, P(batch or None, None)), out_specs=spec, check_vma=False
+    )(q, k, v, segment_ids)

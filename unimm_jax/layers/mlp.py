@@ -20,6 +20,36 @@ def dense(features: int, names: tuple[str, str], name: str, use_bias: bool = Tru
     )
 
 
+class HeadsDense(nn.Module):
+    """A projection into or out of attention heads with a full-rank logical kernel.
+
+    in  (n_in=1):  x [..., D] @ kernel [D, H, Dh] -> [..., H, Dh]   (q, k, v)
+    out (n_in=2):  x [..., H, Dh] @ kernel [H, Dh, D] -> [..., D]   (o)
+    Same param names and layout as nn.DenseGeneral (kernel, bias), but the kernel is created
+    in its real shape: DenseGeneral flattens multi-axis kernels at init, and under a global
+    mesh its shape check then applies 3 logical names to a 2-D array and fails.
+    """
+
+    features: tuple[int, ...]
+    names: tuple[str, ...]
+    n_in: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[-self.n_in:]
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.names), (*in_shape, *self.features))
+        letters = "abcdefgh"
+        ins, outs = letters[: self.n_in], letters[self.n_in : self.n_in + len(self.features)]
+        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+        if self.use_bias:
+            bias_names = self.names[self.n_in:]
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_names), self.features)
+            y = y + jnp.asarray(bias, self.dtype)
+        return y
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, as torch's nn.GELU() and transformers' "gelu"."""
     return jax.nn.gelu(x, approximate=False)

@@ -46,7 +46,13 @@ def janus_model_config(
     eos_token_id: int = 100001,
     dtype: str = "float32",
 ) -> ml_collections.ConfigDict:
-    """The `config.model` dict of a Janus model; defaults are Janus-Pro-1B."""
+    """The `config.model` dict of a Janus model; defaults are Janus-Pro-1B.
+
+    `model.attention_impl` (auto | xla | pallas | splash | cudnn) is one field shared by
+    reference with `model.llm.attention_impl`, so `--config.model.attention_impl=pallas` switches
+    the LLM's attention kernel.
+    """
+    attention_impl = ml_collections.FieldReference("auto", field_type=str)
     llm = ml_collections.ConfigDict(
         dict(
             vocab_size=vocab_size,
@@ -64,7 +70,7 @@ def janus_model_config(
             mlp_bias=False,
             scan_layers=True,
             remat_policy="none",
-            attention_impl="auto",
+            attention_impl=attention_impl,
             dtype=dtype,
         )
     )
@@ -112,6 +118,7 @@ def janus_model_config(
     return ml_collections.ConfigDict(
         dict(
             family="janus",
+            attention_impl=attention_impl,
             llm=llm,
             vision=vision,
             aligner=dict(depth=2),
@@ -181,6 +188,10 @@ def validate_janus_config(m: ml_collections.ConfigDict) -> None:
     _check(llm.head_dim % 2 == 0, "model.llm.head_dim", llm.head_dim, "must be even for rotary embeddings.")
     _check(llm.rope_theta > 0, "model.llm.rope_theta", llm.rope_theta, "must be positive.")
     _check(llm.rms_norm_eps > 0, "model.llm.rms_norm_eps", llm.rms_norm_eps, "must be positive.")
+    from unimm_jax.layers.attention import ATTENTION_IMPLS
+
+    _check(llm.get("attention_impl", "auto") in ATTENTION_IMPLS, "model.attention_impl", llm.get("attention_impl"),
+           f"must be one of {ATTENTION_IMPLS}.")
     _check(vis.hidden_size % vis.num_heads == 0, "model.vision.num_heads", vis.num_heads,
            f"must divide vision hidden_size={vis.hidden_size}.")
     _check(vis.image_size % vis.patch_size == 0, "model.vision.patch_size", vis.patch_size,

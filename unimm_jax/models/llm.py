@@ -19,6 +19,7 @@ import ml_collections
 from flax import linen as nn
 
 from unimm_jax.layers import attention as attn_lib
+from unimm_jax.layers.mlp import HeadsDense
 from unimm_jax.layers.norms import RMSNorm
 from unimm_jax.layers.rope import apply_rope, rope_frequencies
 
@@ -59,9 +60,9 @@ class Attention(nn.Module):
         c = self.cfg
         h, kvh, hd = c.num_heads, c.num_kv_heads, c.head_dim
         dt = jnp.dtype(c.dtype)
-        q = _dense((h, hd), ("embed", "heads", "head_dim"), c.attention_bias, "q", dt)(x)
-        k = _dense((kvh, hd), ("embed", "kv_heads", "head_dim"), c.attention_bias, "k", dt)(x)
-        v = _dense((kvh, hd), ("embed", "kv_heads", "head_dim"), c.attention_bias, "v", dt)(x)
+        q = HeadsDense((h, hd), ("embed", "heads", "head_dim"), 1, c.attention_bias, dt, name="q")(x)
+        k = HeadsDense((kvh, hd), ("embed", "kv_heads", "head_dim"), 1, c.attention_bias, dt, name="k")(x)
+        v = HeadsDense((kvh, hd), ("embed", "kv_heads", "head_dim"), 1, c.attention_bias, dt, name="v")(x)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
         k = apply_rope(k, cos, sin)
         if cache is None:
@@ -72,15 +73,7 @@ class Attention(nn.Module):
             cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             out = attn_lib.xla_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), cache_mask)
             new_cache = {"k": ck, "v": cv}
-        out = nn.DenseGeneral(
-            features=c.hidden_size,
-            axis=(-2, -1),
-            use_bias=c.attention_bias,
-            dtype=dt,
-            kernel_init=nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="o",
-        )(out)
+        out = HeadsDense((c.hidden_size,), ("heads", "head_dim", "embed"), 2, c.attention_bias, dt, name="o")(out)
         return out, new_cache
 
 

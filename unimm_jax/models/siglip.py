@@ -12,7 +12,7 @@ import ml_collections
 from flax import linen as nn
 
 from unimm_jax.layers.attention import xla_attention
-from unimm_jax.layers.mlp import dense, gelu
+from unimm_jax.layers.mlp import HeadsDense, dense, gelu
 from unimm_jax.layers.norms import LayerNorm
 
 _init = nn.initializers.normal(0.02)
@@ -30,25 +30,11 @@ class VisionBlock(nn.Module):
         hd = c.hidden_size // c.num_heads
 
         def proj(name):
-            return nn.DenseGeneral(
-                (c.num_heads, hd),
-                use_bias=c.attention_bias,
-                dtype=dt,
-                kernel_init=nn.with_logical_partitioning(_init, ("embed", "heads", "head_dim")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
-                name=name,
-            )
+            return HeadsDense((c.num_heads, hd), ("embed", "heads", "head_dim"), 1, c.attention_bias, dt, name=name)
 
         y = LayerNorm(c.layer_norm_eps, name="norm1")(x)
         y = xla_attention(proj("q")(y), proj("k")(y), proj("v")(y), mask=None)
-        y = nn.DenseGeneral(
-            c.hidden_size,
-            axis=(-2, -1),
-            dtype=dt,
-            kernel_init=nn.with_logical_partitioning(_init, ("heads", "head_dim", "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-            name="o",
-        )(y)
+        y = HeadsDense((c.hidden_size,), ("heads", "head_dim", "embed"), 2, True, dt, name="o")(y)
         x = x + y
         y = LayerNorm(c.layer_norm_eps, name="norm2")(x)
         y = dense(int(c.hidden_size * c.mlp_ratio), ("embed", "mlp"), "fc1", dtype=dt)(y)

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         found = detect_layout(args.src)
         if found != args.src_format:
             raise CheckpointError(f"{args.src} is a {found!r} checkpoint, not {args.src_format!r}; pass --from {found}.")
-        ckpt = read_checkpoint(args.src, args.dtype, lazy=args.dst_format != "unimm")
+        ckpt = read_checkpoint(args.src, args.dtype, lazy=True)  # every route streams
         write_checkpoint(ckpt, args.dst, args.dst_format, args.dtype, args.overwrite, parse_size(args.max_shard_size))
     except (CheckpointError, ValueError) as e:
         print(f"unimm-convert: error: {e}", file=sys.stderr)

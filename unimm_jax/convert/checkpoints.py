@@ -338,13 +338,13 @@ class Checkpoint:
 def read_checkpoint(path: str, dtype: str | None = None, lazy: bool = False) -> Checkpoint:
     """Reads any of the three layouts into a Checkpoint (numpy params).
 
-    lazy: for hf/deepseek sources, leaves are LazyLeaf objects read on use, so a conversion to
-    another safetensors layout holds one leaf at a time (unimm sources load fully).
+    lazy: leaves are LazyLeaf objects read on use (unimm sources: one orbax group at a time),
+    so a conversion holds about one leaf or group at a time.
     """
     layout = detect_layout(path)
     if layout == "unimm":
         from unimm_jax.convert.unimm_format import read_unimm
-        return read_unimm(path, dtype)
+        return read_unimm(path, dtype, lazy)
     tok_ids = tokenizer_token_ids(path)
     if layout == "hf":
         gen_path = os.path.join(path, "generation_config.json")
@@ -400,8 +400,6 @@ def write_checkpoint(ckpt: Checkpoint, dst: str, fmt: str, dtype: str | None = N
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {FORMATS}.")
     params = _np_params(ckpt.params)
-    if fmt == "unimm":
-        params = jax.tree.map(np.asarray, params)
     first = next(iter(jax.tree.leaves(params)))
     dtype_name = str(np.dtype(dtype) if dtype else first.dtype)
     extras = ckpt.extras if ckpt.extras_format == fmt else {}

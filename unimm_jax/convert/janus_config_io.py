@@ -60,6 +60,36 @@ def _rope_theta(text: dict) -> float:
     return float(params.get("rope_theta", text.get("rope_theta", 10000.0)))
 
 
+def _llm_kwargs(text: dict, default_vocab: int) -> dict:
+    """janus_model_config's LLM arguments from a Llama text config.
+
+    transformers' text_config and DeepSeek's language_config are both LlamaConfig dicts: the same
+    field names and defaults, except the vocabulary size each format assumes when it is absent.
+    """
+    if text.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"text config hidden_act={text.get('hidden_act')!r} is not supported (Llama uses 'silu').")
+    heads = text.get("num_attention_heads", 32)
+    hidden = text.get("hidden_size", 4096)
+    return dict(
+        vocab_size=text.get("vocab_size", default_vocab),
+        hidden_size=hidden,
+        num_layers=text.get("num_hidden_layers", 32),
+        num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=text.get("head_dim") or hidden // heads,
+        intermediate_size=text.get("intermediate_size", 11008),
+        rope_theta=_rope_theta(text),
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=text.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(text.get("tie_word_embeddings", False)),
+    )
+
+
+def _set_llm_biases(cfg: ml_collections.ConfigDict, text: dict) -> None:
+    cfg.llm.attention_bias = bool(text.get("attention_bias", False))
+    cfg.llm.mlp_bias = bool(text.get("mlp_bias", False))
+
+
 def config_from_hf(config: dict, generation: dict | None, tokenizer_ids: dict | None = None) -> ml_collections.ConfigDict:
     """The unimm model config of a transformers Janus checkpoint."""
     if config.get("model_type") != "janus":
@@ -69,8 +99,9 @@ def config_from_hf(config: dict, generation: dict | None, tokenizer_ids: dict | 
         raise CheckpointError("vision_config.use_qk_norm=True is not supported (no released Janus uses it).")
     if vq.get("double_latent"):
         raise CheckpointError("vq_config.double_latent=True is not supported (Janus's VQ-16 has a single latent).")
-    heads = text.get("num_attention_heads", 32)
-    hidden = text.get("hidden_size", 4096)
+    llm = _llm_kwargs(text, default_vocab=32000)
+    llm["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", llm["tie_word_embeddings"]))
+    hidden = llm["hidden_size"]
     gen = generation or {}
     tok = dict(tokenizer_ids or {})
     ids = dict(
@@ -81,23 +112,12 @@ def config_from_hf(config: dict, generation: dict | None, tokenizer_ids: dict | 
         bos_token_id=_first(gen.get("bos_token_id"), text.get("bos_token_id"), tok.get("bos_token_id"), 100000),
         eos_token_id=_first(_scalar(gen.get("eos_token_id")), _scalar(text.get("eos_token_id")), tok.get("eos_token_id"), 100001),
     )
-    tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     if vq.get("projection_dim", hidden) != hidden or vis.get("projection_dim", hidden) != hidden:
         raise CheckpointError("vision/vq projection_dim must equal text hidden_size "
                               f"({vis.get('projection_dim')}, {vq.get('projection_dim')} vs {hidden}).")
     image_size = vis.get("image_size", 384)
     cfg = janus_model_config(
-        vocab_size=text.get("vocab_size", 32000),
-        hidden_size=hidden,
-        num_layers=text.get("num_hidden_layers", 32),
-        num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads,
-        head_dim=text.get("head_dim") or hidden // heads,
-        intermediate_size=text.get("intermediate_size", 11008),
-        rope_theta=_rope_theta(text),
-        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=text.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(tie),
+        **llm,
         vision_hidden=vis.get("hidden_size", 1024),
         vision_layers=vis.get("num_hidden_layers", 24),
         vision_heads=vis.get("num_attention_heads", 16),
@@ -111,8 +131,7 @@ def config_from_hf(config: dict, generation: dict | None, tokenizer_ids: dict | 
         num_res_blocks=vq.get("num_res_blocks", 2),
         **ids,
     )
-    cfg.llm.attention_bias = bool(text.get("attention_bias", False))
-    cfg.llm.mlp_bias = bool(text.get("mlp_bias", False))
+    _set_llm_biases(cfg, text)
     cfg.vision.mlp_ratio = float(vis.get("mlp_ratio", 4.0))
     cfg.vision.layer_norm_eps = float(vis.get("layer_norm_eps", 1e-6))
     cfg.vision.attention_bias = bool(vis.get("attention_bias", True))
@@ -120,9 +139,6 @@ def config_from_hf(config: dict, generation: dict | None, tokenizer_ids: dict | 
     cfg.gen_aligner.depth = int(vq.get("num_hidden_layers", 2))
     # transformers ties the VQ token grid to the vision grid (vq_config.num_patches).
     cfg.vq.image_size = vq.get("num_patches", image_size // cfg.vision.patch_size) * 2 ** (len(cfg.vq.channel_multiplier) - 1)
-    for k in ("hidden_act",):
-        if text.get(k, "silu") != "silu":
-            raise CheckpointError(f"text_config.{k}={text.get(k)!r} is not supported (Llama uses 'silu').")
     validate_janus_config(cfg)
     return cfg
 
@@ -238,26 +254,17 @@ def config_from_deepseek(config: dict, tokenizer_ids: dict | None = None) -> ml_
     vq = dict(VQ16) if custom_vq is None else dict(custom_vq, vq_channel_multiplier=tuple(custom_vq["vq_channel_multiplier"]))
     tok = dict(tokenizer_ids or {})
     tok.update(config.get("unimm_tokens") or {})
-    hidden = lang.get("hidden_size", 4096)
-    heads = lang.get("num_attention_heads", 32)
+    llm = _llm_kwargs(lang, default_vocab=102400)
+    hidden = llm["hidden_size"]
     cfg = janus_model_config(
-        vocab_size=lang.get("vocab_size", 102400),
-        hidden_size=hidden,
-        num_layers=lang.get("num_hidden_layers", 32),
-        num_heads=heads,
-        num_kv_heads=lang.get("num_key_value_heads") or heads,
-        head_dim=lang.get("head_dim") or hidden // heads,
-        intermediate_size=lang.get("intermediate_size", 11008),
-        rope_theta=_rope_theta(lang),
-        rms_norm_eps=lang.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=lang.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(lang.get("tie_word_embeddings", False)),
+        **llm,
         codebook_size=gparams.get("image_token_size", 16384),
         codebook_dim=gparams.get("n_embed", 8),
         **vision,
         **vq,
         **{k: tok[k] for k in TOKEN_STRINGS if k in tok},
     )
+    _set_llm_biases(cfg, lang)
     cfg.aligner.depth = int(((config.get("aligner_config") or {}).get("params") or {}).get("depth", 2))
     cfg.gen_aligner.depth = int(((config.get("gen_aligner_config") or {}).get("params") or {}).get("depth", 2))
     cfg.gen_head.hidden_size = int(((config.get("gen_head_config") or {}).get("params") or {}).get("image_token_embed", hidden))
@@ -300,6 +307,8 @@ def deepseek_config_from(m: ml_collections.ConfigDict, dtype: str) -> dict:
             rms_norm_eps=llm.rms_norm_eps,
             rope_theta=llm.rope_theta,
             tie_word_embeddings=llm.tie_word_embeddings,
+            attention_bias=llm.attention_bias,
+            mlp_bias=llm.mlp_bias,
             torch_dtype=dtype,
         ),
         vision_config=dict(cls="CLIPVisionTower", model_type="vision", params=vparams),

@@ -20,8 +20,9 @@ Restoring re-shards: leaves are read onto whatever shardings the abstract state 
 Preemption: inside `with ckpt.preemption_guard():` SIGTERM/SIGINT only set `ckpt.should_stop`;
 the loop checks it, saves with force=True and exits cleanly. A second SIGINT interrupts at once.
 
-Params-only export dirs (`save_params`/`load_params`): an orbax StandardCheckpoint of the params
-tree alone, the `unimm` model format.
+Params-only export dirs (`save_params`/`load_params`): the params tree alone, as the `params/`
+dir of the `unimm` model format (orbax items of bounded-size leaf groups + an index; see
+`convert.unimm_format`), so saving or loading a 7B model never holds extra copies of all of it.
 """
 from __future__ import annotations
 
@@ -248,27 +249,29 @@ class Checkpointer:
 
 
 def save_params(directory, params, *, overwrite: bool = False) -> None:
-    """Writes the params tree (nested dict of arrays) as an orbax StandardCheckpoint; blocks.
+    """Writes the params tree (nested dict of arrays) in the unimm params layout; blocks.
 
-    Raises FileExistsError when `directory` exists, unless `overwrite`.
+    One orbax item per bounded-size group of leaves plus an index written last
+    (`convert.unimm_format.save_params_groups`), so host memory stays near one group, not
+    three copies of the model. Raises FileExistsError when `directory` exists, unless `overwrite`.
     """
+    from unimm_jax.convert.unimm_format import save_params_groups
+
     path = _abs_path(directory)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        ckptr.save(path, params, force=overwrite)
-        ckptr.wait_until_finished()
-    finally:
-        ckptr.close()
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
+        if jax.process_index() == 0:
+            path.rmtree()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-
-def _is_sharding(x) -> bool:
-    return isinstance(x, jax.sharding.Sharding)
+            multihost_utils.sync_global_devices("unimm_save_params_rmtree")
+    save_params_groups(path, params)
 
 
 def load_params(directory, target=None):
-    """Reads a `save_params` dir.
+    """Reads a `save_params` dir group by group, straight onto the asked devices.
 
     Args:
       target: None (every array on the first local device), a tree of `jax.sharding.Sharding`
@@ -277,30 +280,9 @@ def load_params(directory, target=None):
     Returns:
       the params tree with jax.Array leaves laid out as asked.
     """
+    from unimm_jax.convert.unimm_format import restore_params_groups
+
     path = _abs_path(directory)
     if not path.exists():
         raise FileNotFoundError(f"no params checkpoint at {path}.")
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        if target is None or all(_is_sharding(x) for x in jax.tree.leaves(target, is_leaf=_is_sharding)):
-            meta = ckptr.metadata(path)
-            meta = getattr(meta, "item_metadata", meta)
-            meta = getattr(meta, "tree", meta)
-            is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-            if target is None:
-                dev = jax.local_devices()[0]
-                target = jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                                   sharding=jax.sharding.SingleDeviceSharding(dev)),
-                    meta, is_leaf=is_meta)
-            else:
-                try:
-                    target = jax.tree.map(
-                        lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                        meta, target, is_leaf=is_meta)
-                except ValueError as e:
-                    raise ValueError(f"the sharding tree does not match the params saved in "
-                                     f"{path}: {e}") from e
-        return ckptr.restore(path, target)
-    finally:
-        ckptr.close()
+    return restore_params_groups(path, target)

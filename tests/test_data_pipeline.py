@@ -85,7 +85,7 @@ def test_batches_follow_contract_and_train_only_the_right_tokens(data_dir, tok):
     ids = shapes_vocab.shapes_token_ids(tok)
     kw = _kw(tok)
     it = pipeline.make_train_iterator(_cfg(data_dir), **kw)
-    seen = set()
+    seen, n_gen = set(), 0
     for batch in _take(it, 6):
         check_batch(batch)
         assert batch["input_ids"].shape == (4, 128) and batch["pixel_values"].shape == (4, 2, S, S, 3)
@@ -108,6 +108,7 @@ def test_batches_follow_contract_and_train_only_the_right_tokens(data_dir, tok):
                 assert caption.endswith(" <eos>")
                 shapes.parse_prompt(caption[:-len(" <eos>")])
             else:
+                n_gen += 1
                 is_code = batch["target_is_image"][r, sl]
                 np.testing.assert_array_equal(loss, is_code)
                 assert is_code.sum() == N_GEN and batch["input_is_image"][r, sl].sum() == N_GEN - 1
@@ -123,8 +124,25 @@ def test_batches_follow_contract_and_train_only_the_right_tokens(data_dir, tok):
         pad = batch["segment_ids"] == 0
         assert (batch["loss_mask"][pad] == 0).all()
     assert seen == set(TASKS)
-    # Images are encoded in fixed-size chunks (one compiled shape), never one by one.
-    assert set(kw["image_encoder"].shapes) == {(8, S, S, 3)}
+    # One probe image (reads N), then each batch's images in batched calls of at most
+    # encode_batch_size=8 with sizes from a bounded set, and no padding.
+    calls = kw["image_encoder"].shapes
+    assert calls[0] == (1, S, S, 3) and {c[1:] for c in calls} == {(S, S, 3)}
+    assert {c[0] for c in calls} <= {8, 4, 2, 1} and sum(c[0] for c in calls[1:]) == n_gen
+    assert len(calls) - 1 < n_gen / 2
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 32])
+def test_chunk_sizes(chunk):
+    shapes_seen = set()
+    for n in range(100):
+        sizes = pipeline.chunk_sizes(n, chunk)
+        assert sum(sizes) == n and all(0 < s <= chunk for s in sizes)
+        tail = [s for s in sizes if s != chunk]
+        assert tail == sorted(tail, reverse=True) and all(s & (s - 1) == 0 for s in tail)
+        assert len(tail) == len(set(tail))
+        shapes_seen.update(sizes)
+    assert len(shapes_seen) <= 1 + chunk.bit_length()
 
 
 def test_codes_equal_per_image_encoding_of_the_packed_examples(data_dir, tok):

@@ -7,8 +7,8 @@
       -> MapDataset.mix by config.data.mixture (understanding : text : generation)
       -> to_iter_dataset -> packing.PackedBatchIterDataset (batch_size // process_count rows)
       -> [mp_prefetch when worker_count > 0]
-      -> encode every generation image of the batch with `image_encoder` in fixed-size chunks
-         (one compiled shape) and write the codes into their rows (packing.fill_codes)
+      -> encode every generation image of the batch with `image_encoder` in a few batched
+         calls (`chunk_sizes`) and write the codes into their rows (packing.fill_codes)
 
 Every step is a deterministic function of config.data.seed, so process p's examples are
 exactly the p-th slice of the single-process stream of each task, and the iterator state
@@ -53,7 +53,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.cfg_drop_prob = 0.1         # generation examples whose prompt becomes the unconditional one
     c.system_prompt = ""          # system prompt of understanding examples (chat_format.format_turn)
     c.worker_count = 0            # Grain worker processes (0 = build batches in the main process)
-    c.encode_batch_size = 32      # images per image_encoder call (the last chunk is zero-padded)
+    c.encode_batch_size = 32      # max images per image_encoder call (see pipeline.chunk_sizes)
     c.read_threads = 4            # threads reading + formatting records per process
     return c
 
@@ -163,11 +163,23 @@ def _format_generation(rec, rng, *, tokenizer, tokens, num_gen_tokens, cfg_drop_
     return ex
 
 
+def chunk_sizes(n: int, chunk: int) -> list[int]:
+    """Sizes of the encoder calls for n images: full chunks, then the rest as descending powers
+    of two (21 with chunk 8 -> [8, 8, 4, 1]). No padding is wasted, and a jitted encoder sees
+    at most 1 + log2(chunk) distinct shapes, so it compiles a bounded number of times."""
+    sizes = [chunk] * (n // chunk)
+    rest = n % chunk
+    while rest:
+        sizes.append(1 << (rest.bit_length() - 1))
+        rest -= sizes[-1]
+    return sizes
+
+
 class _EncodePending:
     """Batch map: encodes the batch's pending generation images and writes their codes.
 
-    image_encoder: float32 [C, H, W, 3] in [-1, 1] -> int [C, N], always called with C = chunk
-    rows (a short last chunk is zero-padded), so a jitted encoder compiles once.
+    image_encoder: float32 [n, H, W, 3] in [-1, 1] -> int [n, N], called with n from
+    `chunk_sizes` (batched calls, a bounded set of shapes).
     """
 
     def __init__(self, image_encoder, chunk: int, num_gen_tokens: int):
@@ -176,12 +188,11 @@ class _EncodePending:
     def __call__(self, batch: dict) -> dict:
         images = batch["pending_images"]
         codes = np.zeros((len(images), self._n), np.int32)
-        for i in range(0, len(images), self._chunk):
-            part = _normalise(images[i:i + self._chunk])
-            got = len(part)
-            if got < self._chunk:
-                part = np.concatenate([part, np.zeros((self._chunk - got,) + part.shape[1:], part.dtype)])
-            codes[i:i + got] = _check_codes(self._encode(part), self._chunk, self._n)[:got]
+        start = 0
+        for size in chunk_sizes(len(images), self._chunk):
+            part = _normalise(images[start:start + size])
+            codes[start:start + size] = _check_codes(self._encode(part), size, self._n)
+            start += size
         return fill_codes(batch, codes)
 
 
@@ -260,10 +271,10 @@ def example_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[str, 
     return grain.MapDataset.mix(per_task, list(weights.values()))
 
 
-def _num_gen_tokens(image_encoder, chunk: int, image_size: int) -> int:
-    """Codes per image, read off one call of the encoder on a zero chunk (the shape it will see)."""
-    probe = image_encoder(np.zeros((chunk, image_size, image_size, 3), np.float32))
-    return int(_check_codes(probe, chunk, None).shape[1])
+def _num_gen_tokens(image_encoder, image_size: int) -> int:
+    """Codes per image, read off one encoder call on one zero image (a shape chunk_sizes uses)."""
+    probe = image_encoder(np.zeros((1, image_size, image_size, 3), np.float32))
+    return int(_check_codes(probe, 1, None).shape[1])
 
 
 def make_train_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[str, int], num_image_tokens: int,
@@ -279,8 +290,8 @@ def make_train_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[st
       tokenizer, tokens: the text tokenizer and config.model.tokens ids.
       num_image_tokens: placeholders per understanding image (janus_config.num_understanding_tokens).
       image_encoder: float32 [n, H, W, 3] in [-1, 1] -> int32 codes [n, N], e.g. a jitted VQ
-        encode; required when mixture.generation > 0. Called from the main process with
-        n = data_cfg.encode_batch_size.
+        encode; required when mixture.generation > 0. Called from the main process on
+        chunks of at most data_cfg.encode_batch_size images (sizes from `chunk_sizes`).
       num_gen_tokens: N; None = read off one encoder call on a zero batch.
       source: a random-access source of shapes-world records to read instead of the TFDS
         train split (tests, custom data).
@@ -295,7 +306,7 @@ def make_train_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[st
         if chunk < 1:
             raise ValueError(f"config.data.encode_batch_size={chunk} must be >= 1.")
         if num_gen_tokens is None:
-            num_gen_tokens = _num_gen_tokens(image_encoder, chunk, data_cfg.image_size)
+            num_gen_tokens = _num_gen_tokens(image_encoder, data_cfg.image_size)
     examples = example_dataset(data_cfg, tokenizer=tokenizer, tokens=tokens, num_image_tokens=num_image_tokens,
                                num_gen_tokens=num_gen_tokens or 0, process_index=process_index,
                                process_count=process_count, source=source)

@@ -162,14 +162,19 @@ class JanusModel:
                                      max_batch=max_batch, progress=progress)
 
 
-def load_pretrained(path: str, mesh: Mesh | None = None, dtype: str | None = None) -> JanusModel:
+def load_pretrained(path: str, mesh: Mesh | None = None, dtype: str | None = None, vae=None) -> JanusModel:
     """Loads a transformers, DeepSeek-original or unimm Janus checkpoint directory.
 
     mesh: place parameters sharded over it by the logical axis rules (None: default device).
     dtype: cast parameters (None keeps the checkpoint's dtype).
+    vae: JanusFlow only: a diffusers VAE directory or a loaded VAE (default: `path/vae` if present).
+    JanusFlow checkpoints (DeepSeek-original or unimm) load as a `unimm_jax.flow_api.JanusFlowModel`.
     """
     path = resolve_checkpoint_dir(os.fspath(path))
     ckpt = read_checkpoint(path, dtype)
+    if ckpt.config.get("family", "janus") == "janusflow":
+        from unimm_jax.flow_api import load_janusflow
+        return load_janusflow(ckpt, mesh, vae, path)
     params = place_params(ckpt.params, ckpt.config, mesh)
     ckpt.params = None  # the numpy copy is no longer needed
     model = JanusModel(ckpt.config, params, mesh, ckpt)

@@ -345,6 +345,9 @@ def read_checkpoint(path: str, dtype: str | None = None, lazy: bool = False) -> 
     if layout == "unimm":
         from unimm_jax.convert.unimm_format import read_unimm
         return read_unimm(path, dtype, lazy)
+    from unimm_jax.convert.janusflow_checkpoint import is_janusflow_dir, read_janusflow_deepseek
+    if layout == "deepseek" and is_janusflow_dir(path):  # JanusFlow: its own key map and config
+        return read_janusflow_deepseek(path, dtype, lazy)
     tok_ids = tokenizer_token_ids(path)
     if layout == "hf":
         gen_path = os.path.join(path, "generation_config.json")
@@ -399,7 +402,12 @@ def write_checkpoint(ckpt: Checkpoint, dst: str, fmt: str, dtype: str | None = N
     """Writes `ckpt` to `dst` in layout `fmt` ('hf' | 'deepseek' | 'unimm'), atomically."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown format {fmt!r}; choose one of {FORMATS}.")
-    params = _np_params(ckpt.params)
+    if ckpt.config.get("family", "janus") == "janusflow" and fmt != "unimm":
+        from unimm_jax.convert.janusflow_checkpoint import write_janusflow
+        return write_janusflow(ckpt, dst, fmt, dtype, overwrite, max_shard_bytes)
+    # unimm takes jax arrays as they are (orbax saves each group from its devices, sharded or not);
+    # the safetensors layouts read host numpy (LazyLeaf stays lazy).
+    params = ckpt.params if fmt == "unimm" else _np_params(ckpt.params)
     first = next(iter(jax.tree.leaves(params)))
     dtype_name = str(np.dtype(dtype) if dtype else first.dtype)
     extras = ckpt.extras if ckpt.extras_format == fmt else {}

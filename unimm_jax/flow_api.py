@@ -24,7 +24,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from unimm_jax import sharding as shd
-from unimm_jax.models.janusflow import JanusFlow, prompt_layout
+from unimm_jax.models.janusflow import JanusFlow, latents_to_images, prompt_layout
 from unimm_jax.models.janusflow_config import (
     latent_grid,
     normalize_janusflow_config,
@@ -221,7 +221,12 @@ class JanusFlowModel:
         return jax.random.normal(jax.random.key(seed), (n, g, g, ch), jnp.float32)
 
     def decode_latents(self, latents) -> jax.Array:
-        """Model-space latents [N, h, w, C] -> float32 images [N, H, W, 3] clipped to [-1, 1] (needs a VAE)."""
+        """Model-space latents [N, h, w, C] -> float32 images [N, H, W, 3] clipped to [-1, 1].
+
+        latent.kind "vae" needs a VAE; "space_to_depth" latents are pixel patches (no VAE).
+        """
+        if self.config.latent.get("kind", "vae") == "space_to_depth":
+            return latents_to_images(jnp.asarray(latents), self.config)
         if self.vae is None:
             raise ValueError("JanusFlowModel has no VAE. " + NO_VAE_HELP)
         if self.vae.config.latent_channels != self.config.latent.channels:
@@ -236,7 +241,7 @@ class JanusFlowModel:
         Euler with `steps` steps, classifier-free guidance weight `cfg_weight`, noise from `seed`;
         row i*num_images + j is image j of prompt i. Needs a VAE (see NO_VAE_HELP).
         """
-        if self.vae is None:
+        if self.vae is None and self.config.latent.get("kind", "vae") == "vae":
             raise ValueError("generate_images_flow needs a VAE to decode latents. " + NO_VAE_HELP)
         z = self.generate_latents_flow(input_ids, num_images=num_images, steps=steps, cfg_weight=cfg_weight,
                                        seed=seed, attention_mask=attention_mask)

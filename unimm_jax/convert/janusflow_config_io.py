@@ -71,6 +71,7 @@ def config_from_deepseek_flow(config: dict, tokenizer_ids: dict | None = None) -
         vae_downsample=latent.get("downsample", 8),
         scaling_factor=latent.get("scaling_factor", 0.13025),
         shift_factor=latent.get("shift_factor", 0.0),
+        latent_kind=latent.get("kind", "vae"),
         repa_enabled=False,
         **vision,
         **{k: tok[k] for k in TOKEN_STRINGS if k in tok},

@@ -246,6 +246,31 @@ class JanusFlow(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# pixel-space latents (latent.kind == "space_to_depth": no VAE, for tiny CPU runs)
+
+
+def images_to_latents(images: jax.Array, m: ml_collections.ConfigDict) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] -> latents [B, H/f, W/f, 3f^2] * scaling_factor (f = latent.downsample).
+
+    The parameter-free "autoencoder" of latent.kind == "space_to_depth": each f x f patch becomes
+    one latent pixel (channel order (i, j, c)); exact inverse `latents_to_images`.
+    """
+    f = m.latent.downsample
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+    return (x.reshape(b, h // f, w // f, f * f * c) - m.latent.shift_factor) * m.latent.scaling_factor
+
+
+def latents_to_images(latents: jax.Array, m: ml_collections.ConfigDict) -> jax.Array:
+    """Inverse of `images_to_latents`: [B, h, w, 3f^2] -> float32 images [B, h*f, w*f, 3] clipped to [-1, 1]."""
+    f = m.latent.downsample
+    b, h, w, _ = latents.shape
+    x = latents.astype(jnp.float32) / m.latent.scaling_factor + m.latent.shift_factor
+    x = x.reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, 3)
+    return jnp.clip(x, -1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # prompt layout shared by training and sampling
 
 

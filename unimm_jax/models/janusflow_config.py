@@ -45,6 +45,7 @@ def janusflow_model_config(
     vae_downsample: int = 8,
     scaling_factor: float = 0.13025,
     shift_factor: float = 0.0,
+    latent_kind: str = "vae",
     repa_enabled: bool = True,
     repa_layer: int = 6,
     repa_hidden: int | None = None,
@@ -79,8 +80,10 @@ def janusflow_model_config(
         upsamples=1, layers_in_middle=gen_layers_in_middle, use_bias=True, norm_eps=1e-6, dropout=0.0,
         use_mid_block=True,
     ))
+    # kind "vae": a diffusers AutoencoderKL decodes (SDXL-VAE for JanusFlow, not in its checkpoints);
+    # kind "space_to_depth": latents are f x f pixel patches (no VAE; tiny CPU configs).
     latent = ml_collections.ConfigDict(dict(
-        image_size=image_size, downsample=vae_downsample, channels=latent_channels,
+        kind=latent_kind, image_size=image_size, downsample=vae_downsample, channels=latent_channels,
         scaling_factor=scaling_factor, shift_factor=shift_factor,
     ))
     # Training knobs. The paper (arXiv 2411.07975 sec. 3) is the only source: no training code
@@ -166,6 +169,11 @@ def validate_janusflow_config(m: ml_collections.ConfigDict) -> None:
            f"must divide image_size={vis.image_size}.")
     _check(lat.image_size % lat.downsample == 0, "model.latent.image_size", lat.image_size,
            f"must be a multiple of the VAE downsampling factor {lat.downsample}.")
+    _check(lat.get("kind", "vae") in ("vae", "space_to_depth"), "model.latent.kind", lat.get("kind"),
+           "use 'vae' (a diffusers AutoencoderKL decodes) or 'space_to_depth' (pixel patches, no VAE).")
+    if lat.get("kind", "vae") == "space_to_depth":
+        _check(lat.channels == 3 * lat.downsample ** 2, "model.latent.channels", lat.channels,
+               f"space_to_depth latents have 3 * downsample^2 = {3 * lat.downsample ** 2} channels.")
     _check(lat.scaling_factor > 0, "model.latent.scaling_factor", lat.scaling_factor, "must be positive.")
     _check(enc.input_channels == lat.channels, "model.gen_encoder.input_channels", enc.input_channels,
            f"must equal model.latent.channels={lat.channels}.")

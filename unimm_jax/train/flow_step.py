@@ -1,0 +1,84 @@
+"""The JanusFlow generation training step (config.model.family == "janusflow").
+
+    params = init_flow_params(config.model, jax.random.key(0))
+    state  = TrainState.create(params, tx, jax.random.key(1))
+    state, metrics = jax.jit(partial(flow_train_step, module=JanusFlow(config.model), tx=tx))(state, batch)
+
+The loss is `unimm_jax.models.janusflow.flow_training_loss` (rectified flow + REPA, weights,
+t distribution and condition-drop rate from config.model.flow / .repa); its batch is
+`FLOW_BATCH_FIELDS` (prompt ids ending in <begin_of_image>, attention mask, target latents,
+target image at SigLIP size). `flow_batch_from_images` builds the latents for
+latent.kind == "space_to_depth"; for "vae" the pipeline encodes images with the VAE
+(`to_model_latents(vae.encode(x))`). The same NaN guard and metrics keys as the Janus step
+(`train/step.py`): loss, grad_norm, skipped, lr, plus rf_loss and repa_loss.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from unimm_jax.models.janusflow import JanusFlow, flow_training_loss, images_to_latents
+from unimm_jax.models.janusflow_config import latent_grid, num_understanding_tokens
+
+
+def init_flow_params(model_cfg, rng: jax.Array) -> dict:
+    """Randomly initialised JanusFlow params (plain float32 arrays, logical boxes removed)."""
+    m = model_cfg
+    s, g = m.vision.image_size, latent_grid(m)
+    ids = jnp.concatenate([jnp.array([[m.tokens.bos_token_id, m.tokens.boi_token_id]], jnp.int32),
+                           jnp.full((1, num_understanding_tokens(m)), m.tokens.image_token_id, jnp.int32)], axis=1)
+    init = jax.jit(lambda k: JanusFlow(m).init(k, ids, jnp.zeros((1, s, s, 3)), jnp.zeros((1, g, g, m.latent.channels)),
+                                               method=JanusFlow.init_all))
+    return nn.unbox(init(rng)["params"])
+
+
+def flow_train_step(state, batch: Mapping[str, jax.Array], *, module: JanusFlow, tx: optax.GradientTransformation,
+                    schedule: Callable | None = None, grad_accum_steps: int = 1):
+    """One micro-step on a flow batch: (new TrainState, metrics dict of float32 scalars).
+
+    The state's rng is advanced and split for t, the noise and the condition drop, so no key is
+    reused and a resumed run draws the same noise. A non-finite loss or gradient keeps the old state.
+    """
+    lr_step = state.step // grad_accum_steps
+    state, (key,) = state.split_rng(1)
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: flow_training_loss(module, p, batch, key), has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.apply_gradients(grads, tx)
+    state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+    metrics = {**aux, "grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32)}
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(lr_step), jnp.float32)
+    return state, metrics
+
+
+def flow_batch_from_images(model_cfg, input_ids, attention_mask, images) -> dict:
+    """A flow batch for latent.kind == "space_to_depth": latents are the images' pixel patches.
+
+    images [B, S, S, 3] in [-1, 1] at the model's image size (also the REPA target).
+    """
+    if model_cfg.latent.get("kind", "vae") != "space_to_depth":
+        raise ValueError("flow_batch_from_images makes pixel-patch latents; with latent.kind='vae' encode the "
+                         "images with the VAE: latents = vae.to_model_latents(vae.encode(images)).")
+    images = jnp.asarray(images, jnp.float32)
+    return dict(input_ids=jnp.asarray(input_ids, jnp.int32), attention_mask=jnp.asarray(attention_mask, jnp.int32),
+                latents=images_to_latents(images, model_cfg), pixel_values=images)
+
+
+def synthetic_flow_batch(model_cfg, batch_size: int, prompt_len: int, seed: int, index: int) -> dict:
+    """A deterministic random batch obeying FLOW_BATCH_FIELDS (smoke runs, tests, benchmarks)."""
+    m = model_cfg
+    rng = np.random.default_rng([seed, index])
+    t = m.tokens
+    ids = rng.integers(3, min(m.llm.vocab_size, 400), (batch_size, prompt_len)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = t.bos_token_id, t.boi_token_id
+    s, g = m.vision.image_size, latent_grid(m)
+    return dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                latents=rng.standard_normal((batch_size, g, g, m.latent.channels)).astype(np.float32),
+                pixel_values=rng.uniform(-1, 1, (batch_size, s, s, 3)).astype(np.float32))

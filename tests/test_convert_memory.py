@@ -14,11 +14,23 @@ from unimm_jax.convert.janus_config_io import hf_config_from
 from unimm_jax.convert.safetensors_io import PlannedTensor, SafetensorsReader, write_sharded
 from unimm_jax.models.janus_config import tiny_janus_config
 
-MEASURE = r"""
-import resource, sys
+# The child's own peak: VmHWM belongs to the address space exec created. ru_maxrss would not do:
+# Linux carries the parent's peak across fork+exec, so a pytest process that grew to 1.2 GB in
+# earlier tests made every route "peak" at 1.2 GB.
+PEAK_KB = r"""
+def peak_kb():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except OSError:  # not Linux: ru_maxrss (KB on Linux, bytes on macOS; only Linux runs CI)
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+MEASURE = PEAK_KB + r"""
+import sys
 from unimm_jax.cli.convert import main
 code = main(sys.argv[1:])
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_KB", peak_kb())
 sys.exit(code)
 """
 
@@ -55,8 +67,8 @@ def peak_rss(*args):
 
 @functools.lru_cache(maxsize=None)
 def baseline_rss():
-    out = subprocess.run([sys.executable, "-c", "import resource, unimm_jax.cli.convert, orbax.checkpoint, jax; jax.numpy.zeros(1);"
-                          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
+    out = subprocess.run([sys.executable, "-c", PEAK_KB + "import unimm_jax.cli.convert, orbax.checkpoint, jax\n"
+                          "jax.numpy.zeros(1)\nprint(peak_kb())"],
                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     return int(out.stdout) * 1024
 

@@ -180,6 +180,19 @@ def test_mixing_ratio_follows_config(data_dir, tok, mixture, process):
         assert abs(counts[task] / total - mixture[task] / sum(mixture.values())) < 0.02, counts
 
 
+@pytest.mark.parametrize("prob", [0.0, 0.3, 1.0])
+def test_cfg_drop_follows_probability_and_seed(data_dir, tok, prob):
+    ids = shapes_vocab.shapes_token_ids(tok)
+    common = dict(tokenizer=tok, tokens=ids, num_image_tokens=N_UND, num_gen_tokens=N_GEN)
+    cfg = _cfg(data_dir, mixture=dict(generation=1), cfg_drop_prob=prob)
+    ds = pipeline.example_dataset(cfg, **common)
+    prompt_has_pad = lambda ex: ids["pad_token_id"] in ex["input_ids"][~ex["input_is_image"]]
+    dropped = [prompt_has_pad(ds[i]) for i in range(300)]
+    assert abs(np.mean(dropped) - prob) < 0.07
+    again = pipeline.example_dataset(cfg, **common)
+    assert dropped == [prompt_has_pad(again[i]) for i in range(300)]
+
+
 def test_text_only_mixture_needs_no_encoder(data_dir, tok):
     it = pipeline.make_train_iterator(_cfg(data_dir, mixture=dict(text=1)), **_kw(tok, image_encoder=None))
     batch = next(it)

@@ -52,7 +52,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.mixture = ml_collections.ConfigDict(dict(understanding=5, text=1, generation=4))
     c.cfg_drop_prob = 0.1         # generation examples whose prompt becomes the unconditional one
     c.system_prompt = ""          # system prompt of understanding examples (chat_format.format_turn)
-    c.worker_count = 0            # Grain worker processes (0 = build batches in the main process)
+    c.worker_count = 0            # Grain worker processes packing batches (0 = the main process);
+                                  # each worker packs its own slice, so batches differ per count
     c.encode_batch_size = 32      # max images per image_encoder call (see pipeline.chunk_sizes)
     c.read_threads = 4            # threads reading + formatting records per process
     return c
@@ -292,9 +293,13 @@ def make_train_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[st
       image_encoder: float32 [n, H, W, 3] in [-1, 1] -> int32 codes [n, N], e.g. a jitted VQ
         encode; required when mixture.generation > 0. Called from the main process on
         chunks of at most data_cfg.encode_batch_size images (sizes from `chunk_sizes`).
-      num_gen_tokens: N; None = read off one encoder call on a zero batch.
+      num_gen_tokens: N; None = read off one encoder call on a zero image.
       source: a random-access source of shapes-world records to read instead of the TFDS
         train split (tests, custom data).
+
+    With data_cfg.worker_count > 0, packing runs in Grain worker processes, each on its own
+    slice of the example stream: still deterministic and exactly resumable, but a different
+    batch sequence than worker_count = 0 (as Grain documents for stateful stages).
     """
     rows = _check_sharding(int(data_cfg.batch_size), process_index, process_count)
     weights = _mixture(data_cfg)

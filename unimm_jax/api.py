@@ -32,13 +32,14 @@ def logical_axes(model_cfg: ml_collections.ConfigDict):
 
 
 def place_params(params, model_cfg, mesh: Mesh | None, rules=shd.DEFAULT_RULES):
-    """Moves numpy params onto devices: replicated on one device, or sharded by the logical
-    rules over `mesh`. Converts leaf by leaf so host memory holds one extra tensor at a time."""
+    """Moves host params (numpy arrays, or LazyLeaf objects read here) onto devices: replicated
+    on one device, or sharded by the logical rules over `mesh`. Leaf by leaf, so host memory holds
+    one tensor (one unimm group) at a time besides what is already on the devices."""
     if mesh is None:
-        return jax.tree.map(jnp.asarray, params)
+        return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     shardings = shd.params_shardings(logical_axes(model_cfg), shapes, mesh, rules)
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params, shardings)
 
 
 class JanusModel:
@@ -171,9 +172,10 @@ def load_pretrained(path: str, mesh: Mesh | None = None, dtype: str | None = Non
     JanusFlow checkpoints (DeepSeek-original or unimm) load as a `unimm_jax.flow_api.JanusFlowModel`.
     """
     path = resolve_checkpoint_dir(os.fspath(path))
-    ckpt = read_checkpoint(path, dtype)
+    ckpt = read_checkpoint(path, dtype, lazy=True)  # read leaf by leaf while placing on devices
     if ckpt.config.get("family", "janus") == "janusflow":
         from unimm_jax.flow_api import load_janusflow
+        ckpt.params = jax.tree.map(np.asarray, ckpt.params)  # flow_api.place_params takes numpy leaves
         return load_janusflow(ckpt, mesh, vae, path)
     params = place_params(ckpt.params, ckpt.config, mesh)
     ckpt.params = None  # the numpy copy is no longer needed

@@ -1,0 +1,497 @@
+"""The Janus trainer: `train(config, workdir)` and the whole default job `run(config, workdir)`.
+
+    mesh      = make_mesh(**config.mesh)                 -1 fills the rest; rules in config.sharding
+    params    = sharded init (or resumed)                fp32 master weights, fsdp/tensor sharded
+    tx        = make_optimizer(config.optim, stage)      AdamW, warmup-cosine, clip, decay mask, accum
+    for step: state, metrics = jit(train_step)(state, global batch)   explicit in/out shardings
+              metrics -> W/metrics.jsonl (+ TensorBoard); checkpoint every N (async, keep-N,
+              with the Grain iterator); SIGTERM/SIGINT -> save and return cleanly
+
+Re-running the same command resumes from the newest finalized checkpoint in W/ckpt: the state
+(params, optimizer, step, RNG) and the data iterator are restored, onto whatever mesh this run
+uses, so the losses continue exactly as in an uninterrupted run.
+
+Config blocks read here (configs/shapes_tiny.py has them all): seed, mesh, sharding, model,
+data, tokenizer, optim, stage, train, eval. Unknown top-level blocks are an error.
+
+Data sources (`config.data.source`):
+  "shapes"    - the Grain pipeline over the synthetic shapes world (unimm_jax.data.pipeline);
+                generation images are VQ-encoded by the trained tokenizer.
+  "synthetic" - random batches obeying the batch contract (tests, benchmarks, smoke runs of
+                large configs): deterministic per (seed, step), so 1 and N processes see the
+                same global batch.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from unimm_jax import sharding as shd
+from unimm_jax.api import logical_axes
+from unimm_jax.data.batch import FEATURES, TASKS
+from unimm_jax.models.janus import Janus
+from unimm_jax.models.janus_config import num_image_tokens, num_understanding_tokens, validate_janus_config
+from unimm_jax.train import step as step_lib
+from unimm_jax.train.checkpoint import Checkpointer
+from unimm_jax.train.metrics import MetricsLogger
+from unimm_jax.train.optimizer import make_optimizer, make_schedule, stage_trainable, trainable_mask
+from unimm_jax.train.state import TrainState, abstract_train_state, state_shardings
+
+KNOWN_BLOCKS = ("kind", "seed", "mesh", "sharding", "model", "data", "tokenizer", "optim",
+                "stage", "train", "eval")
+
+# Janus-Pro's three stages as trainable sets (paths are regexes over param path components).
+# Stage 1 trains the adaptors and the image head; stage 2 all but the two encoders; stage 3
+# also the understanding encoder. The VQ tokenizer is trained separately and always frozen.
+JANUS_PRO_STAGES = {
+    1: dict(trainable=("aligner", "gen_aligner", "gen_embed", "gen_head"), frozen=("vq",)),
+    2: dict(trainable=(), frozen=("vision", "vq")),
+    3: dict(trainable=(), frozen=("vq",)),
+}
+
+
+def stage_config(n: int, mixture: tuple[int, int, int] = (5, 1, 4)) -> ml_collections.ConfigDict:
+    """`config.stage` for Janus-Pro stage n, with its data ratios (understanding, text, generation)."""
+    if n not in JANUS_PRO_STAGES:
+        raise ValueError(f"stage must be one of {sorted(JANUS_PRO_STAGES)}, got {n!r}.")
+    s = JANUS_PRO_STAGES[n]
+    return ml_collections.ConfigDict(dict(
+        name=n, trainable=list(s["trainable"]), frozen=list(s["frozen"]),
+        mixture=dict(zip(TASKS, mixture))))
+
+
+def train_block(**overrides) -> ml_collections.ConfigDict:
+    """`config.train` with defaults; every field is documented inline."""
+    cfg = dict(
+        num_steps=100,  # optimizer updates (micro-steps = num_steps * optim.grad_accum_steps)
+        log_every=10,  # micro-steps between metrics.jsonl lines
+        checkpoint_every=100,  # micro-steps between checkpoints (the last step always saves)
+        keep_checkpoints=3,
+        async_checkpoints=True,
+        eval_every=0,  # micro-steps between periodic evaluations (0: only at the end)
+        max_consecutive_skips=5,  # NaN/inf steps tolerated in a row before stopping with an error
+        progress_bar=True,
+        tensorboard=True,
+    )
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, mesh, params
+# ---------------------------------------------------------------------------------------------
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming an unknown block or a missing one."""
+    unknown = sorted(set(config.keys()) - set(KNOWN_BLOCKS))
+    if unknown:
+        raise ValueError(f"config has unknown top-level field(s) {unknown}; known: {list(KNOWN_BLOCKS)}.")
+    for need in ("mesh", "model", "data", "optim", "train"):
+        if need not in config:
+            raise ValueError(f"config has no `{need}` block; see configs/shapes_tiny.py for a full config.")
+    unknown = sorted(set(config.train.keys()) - set(train_block().keys()))
+    if unknown:
+        raise ValueError(f"config.train has unknown field(s) {unknown}; known: {sorted(train_block().keys())}.")
+
+
+def rules_of(config) -> tuple:
+    rules = config.get("sharding", {}).get("rules", None) if "sharding" in config else None
+    return tuple(tuple(r) for r in rules) if rules else shd.DEFAULT_RULES
+
+
+def mesh_of(config, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of config.mesh over `devices` (default: all)."""
+    m = config.mesh
+    return shd.make_mesh(m.get("data", -1), m.get("fsdp", 1), m.get("tensor", 1), devices=devices)
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+    """Batch arrays split their leading (row) axis over the mesh's batch axes."""
+    return NamedSharding(mesh, shd.logical_to_spec(("batch",), rules, mesh))
+
+
+def batch_shards(mesh, rules) -> int:
+    spec = shd.logical_to_spec(("batch",), rules, mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _init_inputs(m):
+    s = m.vision.image_size
+    ids = jnp.full((1, num_understanding_tokens(m) + 2), m.tokens.image_token_id, jnp.int32)
+    return (ids, jnp.zeros((1, s, s, 3)), jnp.zeros((1, num_image_tokens(m)), jnp.int32),
+            jnp.zeros((1, m.vq.image_size, m.vq.image_size, 3)))
+
+
+def init_params(model_cfg, mesh, rules, seed: int):
+    """(params, shardings): float32 params initialised directly in their sharded layout."""
+    module = Janus(model_cfg)
+
+    def init(key):
+        return nn.unbox(module.init(key, *_init_inputs(model_cfg), method=Janus.init_all))["params"]
+
+    shapes = jax.eval_shape(init, jax.random.key(seed))
+    shardings = shd.params_shardings(logical_axes(model_cfg), shapes, mesh, rules)
+    params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return params, shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def synthetic_batch(model_cfg, data_cfg, seed: int, index: int) -> dict:
+    """A random global batch obeying the contract: packed rows of understanding (one image),
+    text and generation examples. Same (seed, index) -> same batch on every process."""
+    rng = np.random.default_rng([seed, index])
+    b, t = data_cfg.batch_size, data_cfg.seq_len
+    m = max(1, data_cfg.get("max_images_per_row", 1))
+    s = model_cfg.vision.image_size
+    n_und, n_gen = num_understanding_tokens(model_cfg), num_image_tokens(model_cfg)
+    v, k = model_cfg.llm.vocab_size, model_cfg.vq.codebook_size
+    special = set(model_cfg.tokens.values())
+    words = np.array([i for i in range(v) if i not in special])
+    out = {n: np.zeros((b, t), dt) for n, (dt, nd) in FEATURES.items() if nd == 2 and n != "image_valid"}
+    out["pixel_values"] = np.zeros((b, m, s, s, 3), np.float32)
+    out["image_valid"] = np.zeros((b, m), bool)
+    tok = model_cfg.tokens
+    for r in range(b):
+        task = r % 3
+        seq, is_img, tgt_img = [tok.bos_token_id], [False], []
+        n_text = int(rng.integers(4, 12))
+        seq += list(rng.choice(words, n_text))
+        is_img += [False] * n_text
+        if task == 0:  # understanding: <boi> placeholders <eoi> question answer
+            seq += [tok.boi_token_id] + [tok.image_token_id] * n_und + [tok.eoi_token_id]
+            is_img += [False] * (n_und + 2)
+            out["pixel_values"][r, 0] = rng.uniform(-1, 1, (s, s, 3))
+            out["image_valid"][r, 0] = True
+            ans = list(rng.choice(words, 2)) + [tok.eos_token_id]
+            seq += ans
+            is_img += [False] * len(ans)
+        elif task == 2:  # generation: prompt <boi> codes
+            seq += [tok.boi_token_id] + list(rng.integers(0, k, n_gen))
+            is_img += [False] + [True] * n_gen
+        seq = seq[: t + 1]
+        is_img = is_img[: t + 1]
+        n = len(seq) - 1
+        out["input_ids"][r, :n] = seq[:n]
+        out["input_is_image"][r, :n] = is_img[:n]
+        out["target_ids"][r, :n] = seq[1:]
+        out["target_is_image"][r, :n] = is_img[1:]
+        out["loss_mask"][r, :n] = 1.0
+        out["loss_mask"][r, :n_text // 2] = 0.0  # the "prompt" part is not trained
+        out["task_ids"][r, :n] = task
+        out["segment_ids"][r, :n] = 1
+        out["positions"][r, :n] = np.arange(n)
+    return out
+
+
+class _SyntheticSource:
+    """Grain random-access source of per-process slices of `synthetic_batch`."""
+
+    def __init__(self, model_cfg, data_cfg, seed, process_index, process_count, length=1 << 30):
+        self.model_cfg, self.data_cfg, self.seed = model_cfg, data_cfg, seed
+        self.pi, self.pc, self.length = process_index, process_count, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        full = synthetic_batch(self.model_cfg, self.data_cfg, self.seed, int(i))
+        rows = self.data_cfg.batch_size // self.pc
+        return {k: v[self.pi * rows:(self.pi + 1) * rows] for k, v in full.items()}
+
+
+def make_data_iterator(config, *, image_encoder: Callable | None = None, tokenizer=None, tokens=None):
+    """The checkpointable per-process iterator of batch dicts for `config.data.source`."""
+    d = config.data
+    pc, pi = jax.process_count(), jax.process_index()
+    if d.batch_size % pc:
+        raise ValueError(f"data.batch_size={d.batch_size} must divide over {pc} processes.")
+    source = d.get("source", "shapes")
+    if source == "synthetic":
+        return iter(grain.MapDataset.source(
+            _SyntheticSource(config.model, d, config.seed, pi, pc)).to_iter_dataset())
+    if source == "shapes":
+        from unimm_jax.data import pipeline
+
+        data_cfg = ml_collections.ConfigDict(d.to_dict())
+        del data_cfg["source"]
+        if "stage" in config and config.stage.get("mixture"):
+            data_cfg.mixture = dict(config.stage.mixture)
+        return pipeline.make_train_iterator(
+            data_cfg, tokenizer=tokenizer, tokens=tokens,
+            num_image_tokens=num_understanding_tokens(config.model), image_encoder=image_encoder,
+            process_index=pi, process_count=pc)
+    raise ValueError(f"data.source={source!r} is not one of 'shapes', 'synthetic'.")
+
+
+def global_batch(local: dict, sharding: NamedSharding) -> dict:
+    """Per-process rows -> global jax.Arrays split over the batch axes (one or many processes)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Everything `train` builds before its loop: mesh, state, jitted step, checkpointer."""
+
+    def __init__(self, config, workdir, *, init_params_fn: Callable | None = None, devices=None):
+        check_config(config)
+        validate_janus_config(config.model)
+        self.config, self.workdir = config, os.fspath(workdir)
+        self.rules = rules_of(config)
+        self.mesh = mesh_of(config, devices)
+        self.module = Janus(config.model)
+        n_shards = batch_shards(self.mesh, self.rules)
+        if config.data.batch_size % n_shards:
+            raise ValueError(
+                f"data.batch_size={config.data.batch_size} does not divide over the mesh's "
+                f"{n_shards} batch shards (mesh {dict(self.mesh.shape)}); use a multiple of {n_shards}.")
+        self.local_divisor = max(1, n_shards // jax.process_count())
+        self.accum = int(config.optim.get("grad_accum_steps", 1))
+        self.total_micro = int(config.train.num_steps) * self.accum
+        # Init runs outside the logical-rules context: flax would otherwise apply activation
+        # constraints to the boxed params; placement comes from out_shardings instead.
+        params, self.param_shardings = init_params(config.model, self.mesh, self.rules, config.seed)
+        if init_params_fn is not None:
+            params = init_params_fn(params)
+        self.trainable = stage_trainable(config.get("stage", None))
+        self.tx = make_optimizer(config.optim, params, self.trainable, total_steps=int(config.train.num_steps))
+        self.schedule = make_schedule(config.optim, int(config.train.num_steps))
+        pa = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          params, self.param_shardings)
+        self.abstract_state = abstract_train_state(pa, self.tx, NamedSharding(self.mesh, PartitionSpec()))
+        self.state_shardings = state_shardings(self.abstract_state)
+        self.state = jax.jit(lambda p: TrainState.create(p, self.tx, jax.random.key(config.seed)),
+                             out_shardings=self.state_shardings)(params)
+        self.batch_sharding = batch_sharding(self.mesh, self.rules)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        fn = lambda s, b: step_lib.train_step(s, b, module=self.module, tx=self.tx,
+                                              schedule=self.schedule, grad_accum_steps=self.accum)
+        self.step_fn = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                               out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+
+    def _ctx(self):
+        import contextlib
+
+        # Only the mesh: params and batches get explicit shardings and XLA propagates them
+        # through the step. (flax's logical-rules context would also constrain the params that
+        # nn.scan re-boxes inside `apply`, which fails for DenseGeneral kernels.)
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        return stack
+
+    def num_params(self) -> tuple[int, int]:
+        """(total, trainable) parameter counts."""
+        mask = trainable_mask(self.state.params, self.trainable)
+        sizes = jax.tree.map(lambda x: int(np.prod(x.shape)), self.state.params)
+        total = sum(jax.tree.leaves(sizes))
+        return total, sum(s for s, m in zip(jax.tree.leaves(sizes), jax.tree.leaves(mask)) if m)
+
+    def step(self, local_batch: dict):
+        """One checked micro-step on a per-process batch; returns the metrics (device scalars)."""
+        step_lib.check_train_batch(local_batch, self.config.model, batch_divisor=self.local_divisor)
+        with self._ctx():
+            self.state, metrics = self.step_fn(self.state, global_batch(local_batch, self.batch_sharding))
+        return metrics
+
+
+def _log_line(metrics: dict, dt: float, tokens: int) -> dict:
+    out = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    out["tokens_per_s"] = tokens / max(dt, 1e-9)
+    out["step_time_s"] = dt
+    return {k: v for k, v in out.items() if not (k.startswith("loss/") or k.startswith("accuracy/")) or np.isfinite(v)}
+
+
+def train(config: ml_collections.ConfigDict, workdir, *, data_iter=None, image_encoder=None,
+          tokenizer=None, tokens=None, init_params_fn=None, evaluate_fn: Callable | None = None,
+          devices=None, stop_at: int | None = None) -> dict:
+    """Trains (or resumes) the Janus model of `config` in `workdir`; returns a summary dict.
+
+    workdir gets ckpt/ (orbax), metrics.jsonl, tb/. `data_iter` overrides the configured data
+    (it must be a checkpointable Grain iterator); `init_params_fn(params) -> params` patches the
+    freshly initialised params (e.g. to load the trained VQ); `evaluate_fn(trainer, step)` runs
+    every train.eval_every micro-steps; `devices` restricts the mesh; `stop_at` ends the run
+    after that micro-step as a preemption would (save, return). Returns {"step",
+    "stopped_early", "last": last logged metrics, "trainer"}.
+    """
+    t_cfg = config.train
+    trainer = Trainer(config, workdir, init_params_fn=init_params_fn, devices=devices)
+    if data_iter is None:
+        data_iter = make_data_iterator(config, image_encoder=image_encoder, tokenizer=tokenizer, tokens=tokens)
+    ckpt = Checkpointer(os.path.join(trainer.workdir, "ckpt"), max_to_keep=t_cfg.keep_checkpoints,
+                        save_interval_steps=t_cfg.checkpoint_every, async_save=t_cfg.async_checkpoints)
+    restored = ckpt.restore_latest(trainer.abstract_state, data_iter)
+    start = 0
+    if restored is not None:
+        trainer.state, start = restored
+        logging.info("resumed from step %d in %s", start, ckpt.directory)
+    total, trainable = trainer.num_params()
+    logging.info("params: %d total, %d trainable; mesh %s", total, trainable, dict(trainer.mesh.shape))
+    logger = MetricsLogger(trainer.workdir, use_tensorboard=t_cfg.tensorboard, resume_step=start)
+    bar = None
+    if t_cfg.progress_bar and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=trainer.total_micro, initial=start, desc="train", dynamic_ncols=True)
+    step, skips, stopped, last = start, 0, False, {}
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    t0, n0 = time.perf_counter(), step
+    try:
+        with ckpt.preemption_guard():
+            while step < trainer.total_micro:
+                metrics = trainer.step(next(data_iter))
+                skipped = float(metrics["skipped"]) > 0  # one host sync per step: the NaN guard
+                if skipped:
+                    skips += 1
+                    logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row).",
+                                    step, skips)
+                    logger.write(step, {"skipped": 1.0, "loss": float(metrics["loss"])})
+                    if skips >= t_cfg.max_consecutive_skips:
+                        raise FloatingPointError(
+                            f"{skips} consecutive non-finite steps at step {step}; stopping without "
+                            f"saving. The last good checkpoint is step {ckpt.latest_step()} in "
+                            f"{ckpt.directory}. Lower optim.learning_rate or check the data.")
+                    continue
+                skips = 0
+                step = int(trainer.state.step)
+                if bar is not None:
+                    bar.update(1)
+                if step % t_cfg.log_every == 0 or step == trainer.total_micro:
+                    dt = time.perf_counter() - t0
+                    last = _log_line(metrics, dt / max(step - n0, 1), tokens_per_step)
+                    logger.write(step, last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    t0, n0 = time.perf_counter(), step
+                ckpt.save(step, trainer.state, data_iter)
+                if evaluate_fn is not None and t_cfg.eval_every and step % t_cfg.eval_every == 0 \
+                        and step < trainer.total_micro:
+                    evaluate_fn(trainer, step)
+                    t0 = time.perf_counter()
+                if ckpt.stop_requested(step) or (stop_at is not None and step >= stop_at):
+                    logging.warning("stop requested: saving step %d and exiting.", step)
+                    stopped = True
+                    break
+            ckpt.save(step, trainer.state, data_iter, force=True)
+            ckpt.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        ckpt.close()
+    return {"step": step, "stopped_early": stopped, "last": last, "trainer": trainer}
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole job: data -> tokenizer -> model -> export -> eval
+# ---------------------------------------------------------------------------------------------
+
+
+def _shapes_setup(config, workdir):
+    """Builds the shapes world into config.data.data_dir (default W/data); returns the tokenizer
+    and the tokens dict of config.model."""
+    from unimm_jax.data.shapes_tfds import build_shapes_world
+    from unimm_jax.data.shapes_vocab import build_shapes_tokenizer
+
+    if not config.data.get("data_dir"):
+        config.data.data_dir = os.path.join(workdir, "data")
+    d = config.data
+    if jax.process_index() == 0:
+        build_shapes_world(d.data_dir, d.image_size, d.num_train, d.num_test, d.seed)
+    _sync("shapes_world_built")
+    return build_shapes_tokenizer(), dict(config.model.tokens)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _tokenizer_stage(config, workdir):
+    """(vq params) from config.tokenizer.checkpoint, or trained into W/tokenizer first."""
+    from unimm_jax.train import vq_trainer
+
+    src = config.tokenizer.get("checkpoint", "")
+    if not src:
+        src = os.path.join(workdir, "tokenizer")
+        vq_trainer.train_vq(config.model.vq, config.tokenizer, config.data, src, seed=config.seed)
+        _sync("vq_trained")
+    vq_cfg, params = vq_trainer.load_vq(src)
+    vq_trainer.check_vq_matches(config.model.vq, vq_cfg)
+    return params
+
+
+def _vq_encoder(model_cfg, vq_params):
+    """numpy float32 [n, H, W, 3] -> numpy int32 codes [n, N] with the trained VQ (jitted)."""
+    from unimm_jax.models.vq import VQModel
+
+    enc = jax.jit(lambda p, x: VQModel(model_cfg.vq).apply({"params": p}, x, method=VQModel.encode).codes)
+    return lambda images: np.asarray(enc(vq_params, jnp.asarray(images, jnp.float32)))
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> dict:
+    """What `unimm-train` runs. kind "vq": train the tokenizer into W/tokenizer. kind "janus"
+    (default): [tokenizer] -> train -> export W/model -> W/eval.json + W/samples.png (shapes data)."""
+    workdir = os.path.abspath(os.fspath(workdir))
+    kind = config.get("kind", "janus")
+    if kind == "vq":
+        from unimm_jax.train import vq_trainer
+
+        _shapes_setup(config, workdir)
+        return vq_trainer.train_vq(config.model.vq, config.tokenizer, config.data,
+                                   os.path.join(workdir, "tokenizer"), seed=config.seed)["metrics"]
+    if kind != "janus":
+        raise ValueError(f"config.kind={kind!r} is not one of 'janus', 'vq'.")
+    check_config(config)
+    if config.data.get("source", "shapes") != "shapes":
+        return train(config, workdir)["last"]
+    tokenizer, tokens = _shapes_setup(config, workdir)
+    vq_params = _tokenizer_stage(config, workdir)
+    encoder = _vq_encoder(config.model, vq_params)
+
+    def with_vq(params):
+        params = dict(params)
+        params["vq"] = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                                    dict(vq_params), params["vq"])
+        return params
+
+    out = train(config, workdir, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens,
+                init_params_fn=with_vq)
+    if out["stopped_early"]:
+        return out["last"]
+    from unimm_jax.evals import shapes_eval
+    from unimm_jax.train.export import export_model
+
+    trainer = out.pop("trainer")
+    model_dir = export_model(config.model, trainer.state.params, tokenizer, os.path.join(workdir, "model"))
+    _sync("exported")
+    if "eval" in config and jax.process_index() == 0:
+        from unimm_jax.api import JanusModel
+
+        host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), trainer.state.params)
+        model = JanusModel(config.model, jax.tree.map(jnp.asarray, host))
+        res = shapes_eval.evaluate(model, tokenizer, config.data, config.eval, workdir)
+        out["eval"] = {k: {kk: v[kk] for kk in ("overall", "per_kind", "n")} for k, v in res.items()
+                       if k in ("understanding", "generation")}
+        logging.info("eval: %s (model in %s)", out["eval"], model_dir)
+    return out

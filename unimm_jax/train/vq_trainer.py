@@ -1,0 +1,168 @@
+"""Training the VQ image tokenizer (`models/vq.py`) on the shapes world.
+
+    loss = l1_weight * |x - x_hat| + l2_weight * (x - x_hat)^2      (means over pixels)
+           + codebook_loss + commit_loss                           (VQModel.quantize; beta in cfg)
+
+No perceptual or GAN loss: the shapes images are flat colours on white, which a pixel loss
+reconstructs well, and it keeps the tokenizer stage a few CPU minutes. The codebook is
+re-seeded from encoder outputs for codes unused over the last `restart_every` steps (dead-code
+restart, as in many VQ-GAN recipes), so the small codebook stays in use.
+
+Output: `W/tokenizer/params` (orbax params of `VQModel`), `W/tokenizer/vq_config.json` and
+`W/tokenizer/metrics.jsonl`. `train_vq` is a no-op when the params already exist (re-running
+the default job resumes after the tokenizer stage).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+
+from unimm_jax.models.vq import VQModel, l2_normalize
+from unimm_jax.train.checkpoint import load_params, save_params
+from unimm_jax.train.metrics import MetricsLogger
+
+PARAMS_DIR, CONFIG_FILE = "params", "vq_config.json"
+
+
+def vq_train_block(**overrides) -> ml_collections.ConfigDict:
+    """`config.tokenizer`: where the VQ comes from and how it is trained when it is not given."""
+    cfg = dict(
+        checkpoint="",  # a W/tokenizer dir from an earlier run; "" = train one into W/tokenizer
+        num_steps=400,
+        batch_size=32,
+        learning_rate=1e-3,
+        warmup_steps=20,
+        l1_weight=1.0,
+        l2_weight=1.0,
+        restart_every=50,  # dead-code restart period in steps (0 = off)
+        log_every=25,
+    )
+    cfg.update(overrides)
+    return ml_collections.ConfigDict(cfg)
+
+
+def vq_loss(params, images, vq_cfg, l1_weight=1.0, l2_weight=1.0):
+    """(scalar loss, aux) for float32 images [B, H, W, 3] in [-1, 1]; aux has the terms and
+    the latents z [B*h*w, d] (L2-normalised) and codes int32 [B, h*w] for code restarts."""
+    def fwd(m, x):  # one encoder pass gives the latents (for code restarts) and the quantisation
+        z = m.quant_conv(m.encoder(x))
+        q = m.quantize(z)
+        return m.decode_latents(q.quantized), q, z
+
+    x_hat, q, z = VQModel(vq_cfg).apply({"params": params}, images, method=fwd)
+    x_hat = x_hat.astype(jnp.float32)
+    l1 = jnp.mean(jnp.abs(x_hat - images))
+    l2 = jnp.mean(jnp.square(x_hat - images))
+    loss = l1_weight * l1 + l2_weight * l2 + q.codebook_loss + q.commit_loss
+    z = jax.lax.stop_gradient(l2_normalize(z.reshape(-1, z.shape[-1]).astype(jnp.float32)))
+    return loss, dict(l1=l1, l2=l2, codebook=q.codebook_loss, commit=q.commit_loss, z=z, codes=q.codes)
+
+
+def init_vq(vq_cfg, seed: int = 0):
+    s = vq_cfg.image_size
+    return nn.unbox(VQModel(vq_cfg).init(jax.random.key(seed), jnp.zeros((1, s, s, 3))))["params"]
+
+
+def _restart_dead_codes(params, usage, z, rng):
+    """Codebook rows unused since the last restart take random recent encoder outputs."""
+    book = params["codebook"]["embedding"]
+    dead = usage == 0
+    picks = z[rng.integers(0, z.shape[0], book.shape[0])]
+    new = np.where(dead[:, None], picks, np.asarray(book))
+    params = jax.tree.map(lambda x: x, params)
+    params["codebook"]["embedding"] = jnp.asarray(new, book.dtype)
+    return params, int(dead.sum())
+
+
+def train_vq(vq_cfg, tok_cfg, data_cfg, out_dir, *, seed: int = 0, images_iter=None) -> dict:
+    """Trains the VQ into `out_dir` (see module doc); returns {"params", "metrics"}.
+
+    vq_cfg: config.model.vq; tok_cfg: `vq_train_block()`; data_cfg: config.data (for the shapes
+    images via pipeline.vq_image_dataset). `images_iter` overrides the data (yields
+    {"images": float32 [b, H, W, 3]}).
+    """
+    out_dir = os.fspath(out_dir)
+    if os.path.isdir(os.path.join(out_dir, PARAMS_DIR)):
+        logging.info("VQ tokenizer already trained in %s; loading it.", out_dir)
+        return {"params": load_vq(out_dir)[1], "metrics": {}}
+    os.makedirs(out_dir, exist_ok=True)
+    if images_iter is None:
+        from unimm_jax.data import pipeline
+
+        images_iter = iter(pipeline.vq_image_dataset(
+            data_cfg, batch_size=tok_cfg.batch_size, process_index=jax.process_index(),
+            process_count=jax.process_count()))
+    params = init_vq(vq_cfg, seed)
+    sched = optax.warmup_cosine_decay_schedule(0.0, tok_cfg.learning_rate, tok_cfg.warmup_steps,
+                                               max(tok_cfg.num_steps, tok_cfg.warmup_steps + 1), 0.05 * tok_cfg.learning_rate)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, images):
+        (loss, aux), grads = jax.value_and_grad(vq_loss, has_aux=True)(
+            params, images, vq_cfg, tok_cfg.l1_weight, tok_cfg.l2_weight)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, aux
+
+    logger = MetricsLogger(out_dir, use_tensorboard=False)
+    rng = np.random.default_rng(seed)
+    usage = np.zeros(vq_cfg.codebook_size, np.int64)
+    last, t0 = {}, time.perf_counter()
+    try:
+        for i in range(1, tok_cfg.num_steps + 1):
+            images = jnp.asarray(next(images_iter)["images"], jnp.float32)
+            params, opt_state, loss, aux = step(params, opt_state, images)
+            usage += np.bincount(np.asarray(aux["codes"]).ravel(), minlength=vq_cfg.codebook_size)
+            restarted = 0
+            if tok_cfg.restart_every and i % tok_cfg.restart_every == 0 and i < tok_cfg.num_steps * 0.8:
+                params, restarted = _restart_dead_codes(params, usage, np.asarray(aux["z"]), rng)
+                usage[:] = 0
+            if i % tok_cfg.log_every == 0 or i == tok_cfg.num_steps:
+                if not np.isfinite(float(loss)):
+                    raise FloatingPointError(f"VQ loss is {float(loss)} at step {i}; lower tokenizer.learning_rate.")
+                last = {k: float(aux[k]) for k in ("l1", "l2", "codebook", "commit")}
+                last.update(loss=float(loss), codes_used=int((usage > 0).sum()) if not restarted else -1,
+                            restarted=restarted, step_time_s=(time.perf_counter() - t0) / tok_cfg.log_every)
+                logger.write(i, last)
+                logging.info("vq step %d: %s", i, last)
+                t0 = time.perf_counter()
+    finally:
+        logger.close()
+    if jax.process_index() == 0:
+        save_params(os.path.join(out_dir, PARAMS_DIR), jax.device_get(params))
+        with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+            json.dump(vq_cfg.to_dict(), f, indent=2, default=list)
+    return {"params": params, "metrics": last}
+
+
+def load_vq(directory):
+    """(vq config, params) of a `train_vq` output directory; clear errors when incomplete."""
+    directory = os.fspath(directory)
+    cfg_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{directory} is not a trained VQ tokenizer ({CONFIG_FILE} missing); set "
+                                f"config.tokenizer.checkpoint to a W/tokenizer dir or leave it empty to train one.")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    raw["channel_multiplier"] = tuple(raw["channel_multiplier"])
+    return ml_collections.ConfigDict(raw), load_params(os.path.join(directory, PARAMS_DIR))
+
+
+def check_vq_matches(model_vq_cfg, trained_cfg) -> None:
+    """The model's VQ config must equal the trained tokenizer's (else codes mean other things)."""
+    a, b = model_vq_cfg.to_dict(), trained_cfg.to_dict()
+    diff = sorted(k for k in set(a) | set(b) if (tuple(a.get(k)) if isinstance(a.get(k), (list, tuple)) else a.get(k))
+                  != (tuple(b.get(k)) if isinstance(b.get(k), (list, tuple)) else b.get(k)))
+    if diff:
+        raise ValueError(f"config.model.vq differs from the trained tokenizer's config in {diff}; use the same "
+                         f"VQ settings or retrain the tokenizer.")

@@ -349,9 +349,34 @@ def test_bad_arguments_are_clear_errors(data_dir, tok):
         pipeline.make_train_dataset(_cfg(""), **_kw(tok))
     with pytest.raises(ValueError, match="cfg_drop_prob"):
         pipeline.make_train_dataset(_cfg(data_dir, cfg_drop_prob=1.5), **_kw(tok))
-    it = pipeline.make_train_iterator(_cfg(data_dir, seq_len=20), **_kw(tok))
+    with pytest.raises(ValueError, match="seq_len=20 is too short"):
+        pipeline.make_train_iterator(_cfg(data_dir, seq_len=20), **_kw(tok))
+    with pytest.raises(ValueError, match="max_images_per_row=0"):
+        pipeline.make_train_iterator(_cfg(data_dir, max_images_per_row=0), **_kw(tok))
+    # A custom source is checked example by example, when packed.
+    it = pipeline.make_train_iterator(_cfg(data_dir, seq_len=20), source=_source(data_dir), **_kw(tok))
     with pytest.raises(ValueError, match="longer than seq_len=20"):
         next(it)
+
+
+def test_max_example_length_bounds_the_stream(data_dir, tok):
+    ids = shapes_vocab.shapes_token_ids(tok)
+    common = dict(tokenizer=tok, tokens=ids, num_image_tokens=N_UND, num_gen_tokens=N_GEN)
+    cfg = _cfg(data_dir, system_prompt="You are a helpful assistant.")
+    bound = pipeline.max_example_length(cfg, **common)
+    assert set(bound) == set(TASKS)
+    ds = pipeline.example_dataset(cfg, **common)
+    seen = dict.fromkeys(TASKS, 0)
+    for i in range(400):
+        ex = ds[i]
+        task = TASKS[ex["task_id"]]
+        seen[task] = max(seen[task], len(ex["input_ids"]))
+    for task in TASKS:
+        assert 0 < seen[task] <= bound[task]
+    # Construction accepts rows of exactly the longest example and rejects one token less.
+    pipeline.make_train_dataset(_cfg(data_dir, seq_len=max(bound.values())), **_kw(tok))
+    with pytest.raises(ValueError, match="too short"):
+        pipeline.make_train_dataset(_cfg(data_dir, seq_len=max(bound.values()) - 1), **_kw(tok))
 
 
 def test_vq_image_dataset(data_dir, tok):

@@ -42,6 +42,19 @@ def test_every_shapes_text_is_in_vocabulary(tok):
         assert tok.decode(ids) == expected
 
 
+def test_text_lists_cover_what_the_world_produces():
+    rng = np.random.default_rng(1)
+    questions, answers = set(shapes_vocab.all_questions()), set(shapes_vocab.all_answers())
+    captions = set(shapes_vocab.all_captions())
+    for _ in range(200):
+        scene = shapes.sample_scene(rng, 32)
+        for q, a in shapes.questions_for(scene, rng):
+            assert q in questions and a in answers
+        for cap, kind in shapes.captions_for(scene):  # the same words as one listed caption of its kind
+            spec = shapes.parse_prompt(cap)
+            assert shapes.format_prompt(kind, [spec.objects[0]] * 2) in captions
+
+
 def test_template_pieces_are_single_tokens(tok):
     text = chat_format.format_turn("a red circle")
     ids = tok.encode(text)

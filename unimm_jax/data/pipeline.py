@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from unimm_jax.data import conversation, shapes, shapes_tfds
+from unimm_jax.data import conversation, shapes, shapes_tfds, shapes_vocab
 from unimm_jax.data.batch import TASKS
 from unimm_jax.data.packing import PackedBatchIterDataset, fill_codes
 from unimm_jax.data.text_tokenizer import TextTokenizer
@@ -272,6 +272,38 @@ def example_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[str, 
     return grain.MapDataset.mix(per_task, list(weights.values()))
 
 
+def max_example_length(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[str, int], num_image_tokens: int,
+                       num_gen_tokens: int = 0) -> dict[str, int]:
+    """The longest example (tokens, = positions in a row) of each task in the mixture, over every
+    caption / question / answer the shapes world can produce (shapes_vocab.all_*)."""
+    weights = _mixture(data_cfg)
+    longest = lambda texts: max(texts, key=lambda t: len(tokenizer.encode(t)))
+    caption = longest(shapes_vocab.all_captions())
+    out = {}
+    if "understanding" in weights:
+        ex = conversation.understanding_example(
+            tokenizer, tokens, longest(shapes_vocab.all_questions()), longest(shapes_vocab.all_answers()),
+            int(num_image_tokens), system_prompt=data_cfg.system_prompt)
+        out["understanding"] = len(ex["input_ids"])
+    if "text" in weights:
+        out["text"] = len(conversation.text_example(tokenizer, tokens, caption)["input_ids"])
+    if "generation" in weights:
+        codes = np.zeros(max(int(num_gen_tokens), 1), np.int32)
+        out["generation"] = len(conversation.generation_example(tokenizer, tokens, caption, codes)["input_ids"])
+    return out
+
+
+def _check_fits(data_cfg, lengths: Mapping[str, int]) -> None:
+    """Fail at construction, not at step k, when some task's examples cannot fit a row."""
+    task, need = max(lengths.items(), key=lambda kv: kv[1])
+    if need > int(data_cfg.seq_len):
+        raise ValueError(f"seq_len={data_cfg.seq_len} is too short: {task} examples take up to {need} tokens "
+                         f"({dict(lengths)}); raise config.data.seq_len to at least {need}.")
+    if "understanding" in lengths and int(data_cfg.max_images_per_row) < 1:
+        raise ValueError("config.data.max_images_per_row=0 leaves no room for understanding images; "
+                         "set it >= 1 or mixture.understanding=0.")
+
+
 def _num_gen_tokens(image_encoder, image_size: int) -> int:
     """Codes per image, read off one encoder call on one zero image (a shape chunk_sizes uses)."""
     probe = image_encoder(np.zeros((1, image_size, image_size, 3), np.float32))
@@ -312,6 +344,10 @@ def make_train_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[st
             raise ValueError(f"config.data.encode_batch_size={chunk} must be >= 1.")
         if num_gen_tokens is None:
             num_gen_tokens = _num_gen_tokens(image_encoder, data_cfg.image_size)
+    if source is None:  # the shapes world: every example length is known in advance
+        _check_fits(data_cfg, max_example_length(data_cfg, tokenizer=tokenizer, tokens=tokens,
+                                                 num_image_tokens=num_image_tokens,
+                                                 num_gen_tokens=num_gen_tokens or 0))
     examples = example_dataset(data_cfg, tokenizer=tokenizer, tokens=tokens, num_image_tokens=num_image_tokens,
                                num_gen_tokens=num_gen_tokens or 0, process_index=process_index,
                                process_count=process_count, source=source)

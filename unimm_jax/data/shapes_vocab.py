@@ -39,21 +39,35 @@ def _pre_tokenizer():
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
 
 
+def all_captions() -> list[str]:
+    """Every caption / generation prompt pattern of the shapes world, one per kind and combination
+    (two-object kinds repeat the combination: the words do not depend on the second object)."""
+    combos = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
+    two = ("two_objects", "left_of", "above")
+    return [shapes.format_prompt(kind, [a, a] if kind in two else [a])
+            for kind in shapes.CAPTION_KINDS for a in combos]
+
+
+def all_questions() -> list[str]:
+    """Every question `shapes.questions_for` can ask."""
+    return ([f"What color is the {s}?" for s in shapes.SHAPES]
+            + [f"What shape is the {c} object?" for c in shapes.COLORS]
+            + ["How many shapes are there?"]
+            + [f"Is there a {c} {s}?" for c in shapes.COLORS for s in shapes.SHAPES])
+
+
+def all_answers() -> list[str]:
+    """Every one-word answer of the shapes world."""
+    return list(shapes.COLORS + shapes.SHAPES + shapes.NUMBER_WORDS + ("yes", "no"))
+
+
 def _vocabulary_texts() -> Iterable[str]:
     """Every caption, question and answer text the shapes world can produce, plus extras."""
-    combos = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
-    for kind in shapes.CAPTION_KINDS:
-        two = kind in ("two_objects", "left_of", "above")
-        for a in combos:  # (the words do not depend on whether the two objects differ)
-            yield shapes.format_prompt(kind, [a, a] if two else [a])
-    for s in shapes.SHAPES:
-        yield f"What color is the {s}? What colour is the {s}?"
-    for c in shapes.COLORS:
-        yield f"What shape is the {c} object?"
-    yield "How many shapes are there?"
-    for c, s in combos:
-        yield f"Is there a {c} {s}? Is there an {c} {s}?"
-    yield " ".join(shapes.COLORS + shapes.SHAPES + shapes.NUMBER_WORDS + ("yes", "no"))
+    yield from all_captions()
+    yield from all_questions()
+    yield from all_answers()
+    # Spellings parse_prompt / question_kind also accept.
+    yield "an colour"
     yield chat_format.UNDERSTANDING_SYSTEM_PROMPT
     yield " ".join(PUNCTUATION)
 

@@ -374,9 +374,11 @@ def test_max_example_length_bounds_the_stream(data_dir, tok):
     for task in TASKS:
         assert 0 < seen[task] <= bound[task]
     # Construction accepts rows of exactly the longest example and rejects one token less.
-    pipeline.make_train_dataset(_cfg(data_dir, seq_len=max(bound.values())), **_kw(tok))
+    cfg.seq_len = max(bound.values())
+    pipeline.make_train_dataset(cfg, **_kw(tok))
+    cfg.seq_len -= 1
     with pytest.raises(ValueError, match="too short"):
-        pipeline.make_train_dataset(_cfg(data_dir, seq_len=max(bound.values()) - 1), **_kw(tok))
+        pipeline.make_train_dataset(cfg, **_kw(tok))
 
 
 def test_vq_image_dataset(data_dir, tok):

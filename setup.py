@@ -55,6 +55,8 @@ setup(
             "unimm-convert=unimm_jax.cli.convert:main",
             "unimm-generate=unimm_jax.cli.generate:main",
             "unimm-chat=unimm_jax.cli.chat:main",
+            "unimm-train=unimm_jax.cli.train:run",
+            "unimm-eval=unimm_jax.cli.eval:run",
         ]
     },
 )

@@ -28,10 +28,12 @@ def shapes_model(**overrides) -> ml_collections.ConfigDict:
         vocab_size=tok.vocab_size, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
         intermediate_size=688, rope_theta=10000.0, max_position_embeddings=1024,
         vision_hidden=128, vision_layers=2, vision_heads=4, image_size=64, patch_size=8,
-        vq_base_channels=32, vq_channel_multiplier=(1, 2, 2, 4), vq_latent_channels=64,
+        vq_base_channels=16, vq_channel_multiplier=(1, 2, 2, 4), vq_latent_channels=64,
         codebook_size=256, codebook_dim=8, num_res_blocks=1, **shapes_token_ids(tok))
     kwargs.update(overrides)
-    return janus_model_config(**kwargs)
+    m = janus_model_config(**kwargs)
+    m.vq.norm_groups = 8  # 16-channel VQ levels: a quarter of the reference's conv cost
+    return m
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -149,3 +149,23 @@ def test_cli_saves_config_and_command_and_sigterm_saves(tmp_path):
     steps = Checkpointer(w / "ckpt").all_steps()
     last = max(r["step"] for r in read_jsonl(w / "metrics.jsonl"))
     assert steps and steps[-1] == last and 3 <= last < 400
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    """launch/local_multiprocess.sh 2: jax.distributed over localhost (gloo), one CPU device
+    each, the global batch split by rows; losses equal the single-process run."""
+    cmd, env = _cli(tmp_path, "--config.train.log_every=1", "--config.train.progress_bar=False", steps=3)
+    one = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = _losses(tmp_path / "w")
+    multi_dir = tmp_path / "multi"
+    args = [a if not a.startswith("--workdir=") else f"--workdir={multi_dir}" for a in cmd[3:]]
+    env2 = dict(env, PORT=str(20000 + os.getpid() % 20000))
+    r = subprocess.run(["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", *args,
+                        "--config.mesh.data=-1"], env=env2, capture_output=True, text=True, timeout=900)
+    logs = "".join((multi_dir / "logs" / f"process_{i}.log").read_text()[-2000:] for i in range(2))
+    assert r.returncode == 0, logs
+    multi = _losses(multi_dir)
+    assert sorted(multi) == sorted(single) == [1, 2, 3]
+    np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], rtol=1e-5)

@@ -1,0 +1,21 @@
+"""unimm-eval --config configs/evals/shapes.py --checkpoint W --out DIR
+
+Shapes-world evaluation (unimm_jax/evals/shapes_eval.py): understanding accuracy on the test
+split and GenEval-style generation accuracy on held-out prompts, per kind -> DIR/eval.json and
+DIR/samples.png. The test split is rebuilt deterministically into data.data_dir ("" = DIR/data)
+with the same settings the default job trains with.
+"""
+import ml_collections
+
+from unimm_jax.data.pipeline import default_data_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.evaluator = "shapes"
+    config.data = default_data_config()
+    config.data.num_train = 20000  # must match the training run's dataset config name
+    config.data.num_test = 500
+    config.eval = dict(num_understanding=200, num_generation=120, cfg_weight=3.0, temperature=1.0,
+                       top_k=0, max_new_tokens=4, grid_size=8, seed=0)
+    return config

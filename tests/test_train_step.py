@@ -28,8 +28,8 @@ def tiny_train_config(mesh=(1, 1, 1), steps=3, batch=8, **train):
     c.data = dict(source="synthetic", batch_size=batch, seq_len=48, max_images_per_row=1)
     c.optim = default_config(learning_rate=1e-3, warmup_steps=1, clip_norm=1.0, weight_decay=0.1)
     c.stage = loop.stage_config(3)
-    c.train = loop.train_block(num_steps=steps, log_every=1, checkpoint_every=100, progress_bar=False,
-                               tensorboard=False, **train)
+    c.train = loop.train_block(**{**dict(num_steps=steps, log_every=1, checkpoint_every=100, progress_bar=False,
+                                         tensorboard=False), **train})
     return c
 
 

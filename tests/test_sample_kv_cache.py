@@ -23,9 +23,10 @@ def test_init_cache_shapes_and_bytes(llm):
     cfg, _ = llm
     c = init_cache(cfg, 3, 20)
     assert isinstance(c, KVCache) and c.max_length == 20
-    assert c.k.shape == c.v.shape == (cfg.num_layers, 3, 20, cfg.num_kv_heads, cfg.head_dim)
+    assert len(c.k) == len(c.v) == cfg.num_layers
+    assert all(x.shape == (3, 20, cfg.num_kv_heads, cfg.head_dim) for x in c.k + c.v)
     assert c.valid.shape == (3, 20) and not c.valid.any() and int(c.index) == 0
-    assert cache_bytes(cfg, 3, 20) == c.k.nbytes + c.v.nbytes
+    assert cache_bytes(cfg, 3, 20) == sum(x.nbytes for x in c.k + c.v)
     assert cache_bytes(cfg, 3, 20, "bfloat16") * 2 == cache_bytes(cfg, 3, 20, "float32")
     # a pytree: it passes through jit and tree maps
     assert jax.tree.structure(jax.jit(lambda x: x)(c)) == jax.tree.structure(c)

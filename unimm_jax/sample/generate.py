@@ -43,7 +43,7 @@ def _put(x, mesh, batched: bool = True):
 def _cache_sharding(mesh):
     if mesh is None or not batch_axes(mesh):
         return None
-    return NamedSharding(mesh, PartitionSpec(None, batch_axes(mesh)))
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))  # per-layer [B, S, Hkv, Dh]
 
 
 def _check_rows(model, rows, new_tokens: int, what: str):
@@ -94,7 +94,9 @@ def generate_text(model, input_ids, pixel_values=None, *, max_new_tokens: int, t
     ids, mask = batching.left_pad(rows, cfg.tokens.pad_token_id, length)
     per_row = batching.decode_bytes_per_row(cfg.llm, length, max_new_tokens)
     chunk = batching.plan_chunk_rows(len(rows), per_row, batching.free_device_bytes(), _shards(model.mesh), max_batch)
-    decode = _jitted(model, ("text", chunk, length, max_new_tokens, temperature, top_k, top_p, images is not None),
+    key = ("text", chunk, length, max_new_tokens, temperature, top_k, top_p, images is not None,
+           cfg.tokens.eos_token_id, cfg.tokens.pad_token_id)  # ids are baked into the loop
+    decode = _jitted(model, key,
                      lambda: build_text_decoder(cfg, max_new_tokens=max_new_tokens, temperature=temperature,
                                                 top_k=top_k, top_p=top_p, cache_sharding=_cache_sharding(model.mesh)))
 

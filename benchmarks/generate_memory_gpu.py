@@ -5,7 +5,7 @@
 
 DeepSeek's reference draws 16 images as 32 CFG rows x 576 codes in one batch and runs out of
 memory on 24 GB cards (Janus issue #41). `ours` lets generate_image_tokens plan memory-aware
-chunks from the device's free memory (or forces one chunk with --max-batch 16); `transformers`
+chunks from the device's free memory (--max-batch only lowers the chunk further); `transformers`
 runs JanusForConditionalGeneration.generate(num_return_sequences=16) in bf16 under the same cap
 (torch.cuda.set_per_process_memory_fraction). Needs a GPU; prints peak memory, time, OOM or not.
 """

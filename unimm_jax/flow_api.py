@@ -43,17 +43,16 @@ def _two_halves(x: jax.Array, n: int) -> jax.Array:
 
 
 def _cached_velocity(module, params, cache, positions, mask, w, z, t):
-    z2 = jnp.concatenate([z, z], axis=0)
-    tt = jnp.full((z2.shape[0],), t, jnp.float32)
-    v = module.apply({"params": params}, cache, z2, tt, positions, mask, method=JanusFlow.velocity_cached)
+    # z serves both halves ([z; z]): the generation encoder runs once on it (repeat=2).
+    tt = jnp.full((z.shape[0],), t, jnp.float32)
+    v = module.apply({"params": params}, cache, z, tt, positions, mask, 2, method=JanusFlow.velocity_cached)
     v_cond, v_uncond = jnp.split(v, 2, axis=0)
     return cfg_velocity(v_cond, v_uncond, w)
 
 
 def _full_velocity(module, params, prefix, segment_ids, positions, w, z, t):
-    z2 = jnp.concatenate([z, z], axis=0)
-    tt = jnp.full((z2.shape[0],), t, jnp.float32)
-    v = module.apply({"params": params}, prefix, z2, tt, segment_ids, positions, method=JanusFlow.velocity)
+    tt = jnp.full((z.shape[0],), t, jnp.float32)
+    v = module.apply({"params": params}, prefix, z, tt, segment_ids, positions, 2, method=JanusFlow.velocity)
     v_cond, v_uncond = jnp.split(v, 2, axis=0)
     return cfg_velocity(v_cond, v_uncond, w)
 

@@ -146,20 +146,32 @@ class JanusFlow(nn.Module):
         x = x.reshape(b, gh, gw, x.shape[-1])
         return self.gen_decoder(x, [skip], t_emb).astype(jnp.float32)
 
-    def generation_embeds(self, prefix_embeds, z, t):
-        """[prefix [B, P, D], t_emb, latent tokens] -> (embeds [B, P+1+N, D], skip, t_emb)."""
-        tokens, t_emb, skip = self.encode_latents(z, t)
+    def encode_latents_tiled(self, z: jax.Array, t: jax.Array, repeat: int = 1):
+        """`encode_latents` of z [b, ...] with every output tiled `repeat` times along the batch.
+
+        CFG feeds the same z to the conditional and unconditional rows: encoding it once and
+        tiling ([z; z] order) halves the encoder's work and gives identical results.
+        """
+        out = self.encode_latents(z, t)
+        return tuple(jnp.concatenate([x] * repeat, axis=0) if repeat > 1 else x for x in out)
+
+    def generation_embeds(self, prefix_embeds, z, t, repeat: int = 1):
+        """[prefix [B, P, D], t_emb, latent tokens] -> (embeds [B, P+1+N, D], skip, t_emb).
+
+        z, t may cover B / repeat rows (see `encode_latents_tiled`)."""
+        tokens, t_emb, skip = self.encode_latents_tiled(z, t, repeat)
         dt = prefix_embeds.dtype
         embeds = jnp.concatenate([prefix_embeds, t_emb[:, None].astype(dt), tokens.astype(dt)], axis=1)
         return embeds, skip, t_emb
 
-    def velocity(self, prefix_embeds, z, t, segment_ids, positions):
+    def velocity(self, prefix_embeds, z, t, segment_ids, positions, repeat: int = 1):
         """One full (uncached) pass: prefix [B, P, D], z [B, h, w, C], t [B] -> velocity [B, h, w, C].
 
         segment_ids / positions: int32 [B, P+1+N] (0 = a key nobody attends to, e.g. the masked
-        prompt of an unconditional row; positions are the RoPE positions).
+        prompt of an unconditional row; positions are the RoPE positions). With repeat=r, z and t
+        hold B / r rows, used for every block of B / r rows (CFG's [z; z]).
         """
-        embeds, skip, t_emb = self.generation_embeds(prefix_embeds, z, t)
+        embeds, skip, t_emb = self.generation_embeds(prefix_embeds, z, t, repeat)
         hidden = self.run_llm(embeds, segment_ids, positions)
         n = skip.shape[1] * skip.shape[2]
         return self.decode_velocity(hidden[:, -n:], skip, t_emb)
@@ -173,14 +185,15 @@ class JanusFlow(nn.Module):
         _, cache = self.llm(prefix_embeds, positions, None, cache, jnp.int32(0), mask)
         return cache
 
-    def velocity_cached(self, cache, z, t, positions, mask):
+    def velocity_cached(self, cache, z, t, positions, mask, repeat: int = 1):
         """Velocity from the time token + latent tokens attending to a prefilled prompt cache.
 
         cache: the prefill's cache with S = P + 1 + N slots; z [B, h, w, C]; t [B]; positions
         int32 [B, 1+N]; mask bool [B, 1, 1+N, S]. The step's own keys/values go to slots P..S-1
         of a copy that is dropped: the prompt cache stays as prefilled, so every step sees it.
+        repeat: as in `velocity` (z, t of B / repeat rows).
         """
-        tokens, t_emb, skip = self.encode_latents(z, t)
+        tokens, t_emb, skip = self.encode_latents_tiled(z, t, repeat)
         dt = jnp.dtype(self.cfg.llm.dtype)
         embeds = jnp.concatenate([t_emb[:, None].astype(dt), tokens.astype(dt)], axis=1)
         p = cache["k"].shape[2] - embeds.shape[1]

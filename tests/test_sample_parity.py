@@ -133,3 +133,13 @@ def test_text_stops_at_eos_and_pads(tmp_path_factory, pair):
                           max_new_tokens=10, do_sample=False).numpy()[:, 9:]
     hf.generation_config.eos_token_id = 2
     np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
+
+
+def test_sampled_text_seeded_and_chunk_invariant(pair):
+    _, ours = pair
+    ids = np.random.default_rng(7).integers(3, 400, (3, 6))
+    kw = dict(max_new_tokens=8, temperature=1.5, top_k=50, top_p=0.95)
+    one = ours.generate_text(ids, seed=1, **kw)
+    np.testing.assert_array_equal(one, ours.generate_text(ids, seed=1, max_batch=2, **kw))
+    assert (one != ours.generate_text(ids, seed=2, **kw)).any()
+    assert (one != ours.generate_text(ids, **{**kw, "temperature": 0.0})).any()  # it does sample

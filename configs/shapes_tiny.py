@@ -9,7 +9,7 @@ exports W/model (unimm format + tokenizer.json), evaluates into W/eval.json and 
 W/samples.png. Sized for a 2-core CPU in about 20 minutes.
 
 Model: 64 px images; SigLIP patch 8 (64 understanding tokens); VQ with 8x downsampling (64 codes
-per image, codebook 256); LLM hidden 256, 4 layers; text vocabulary = the shapes-world words.
+per image, codebook 256); LLM hidden 192, 3 layers; text vocabulary = the shapes-world words.
 """
 import ml_collections
 
@@ -25,8 +25,8 @@ def shapes_model(**overrides) -> ml_collections.ConfigDict:
     """The shapes-world Janus (also used by configs/shapes_vq.py, so the VQs agree)."""
     tok = build_shapes_tokenizer()
     kwargs = dict(
-        vocab_size=tok.vocab_size, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
-        intermediate_size=688, rope_theta=10000.0, max_position_embeddings=1024,
+        vocab_size=tok.vocab_size, hidden_size=192, num_layers=3, num_heads=3, num_kv_heads=3,
+        intermediate_size=512, rope_theta=10000.0, max_position_embeddings=1024,
         vision_hidden=128, vision_layers=2, vision_heads=4, image_size=64, patch_size=8,
         vq_base_channels=16, vq_channel_multiplier=(1, 2, 2, 4), vq_latent_channels=64,
         codebook_size=256, codebook_dim=8, num_res_blocks=1, **shapes_token_ids(tok))
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.sharding = dict(rules=())  # () = unimm_jax.sharding.DEFAULT_RULES
     config.model = shapes_model()
-    config.model.gen_head.hidden_size = 256
+    config.model.gen_head.hidden_size = 192
     config.data = default_data_config()
     config.data.source = "shapes"
     config.data.num_train = 20000
@@ -51,11 +51,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.seq_len = 256
     config.data.batch_size = 16
     config.data.max_images_per_row = 3
-    config.tokenizer = vq_train_block(num_steps=300, batch_size=32)
+    config.tokenizer = vq_train_block(num_steps=150, batch_size=16, learning_rate=2e-3, warmup_steps=10,
+                                      restart_every=30)
     config.optim = optim_config(learning_rate=2e-3, warmup_steps=30, end_lr_fraction=0.05, b2=0.98,
                                 weight_decay=0.05, clip_norm=1.0)
     config.stage = stage_config(3, mixture=(5, 1, 4))
-    config.train = train_block(num_steps=400, log_every=10, checkpoint_every=100, eval_every=0)
+    config.train = train_block(num_steps=250, log_every=10, checkpoint_every=100, eval_every=0)
     config.eval = dict(num_understanding=200, num_generation=120, cfg_weight=3.0, temperature=1.0,
                        top_k=0, max_new_tokens=4, grid_size=8, seed=0)
     return config

@@ -464,7 +464,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         raise ValueError(f"config.kind={kind!r} is not one of 'janus', 'vq'.")
     check_config(config)
     if config.data.get("source", "shapes") != "shapes":
-        return train(config, workdir)["last"]
+        out = train(config, workdir)
+        out.pop("trainer")
+        return out
     tokenizer, tokens = _shapes_setup(config, workdir)
     vq_params = _tokenizer_stage(config, workdir)
     encoder = _vq_encoder(config.model, vq_params)
@@ -477,8 +479,9 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
     out = train(config, workdir, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens,
                 init_params_fn=with_vq)
-    if out["stopped_early"]:
-        return out["last"]
+    if out["stopped_early"]:  # preempted: no export/eval; re-running the command resumes
+        out.pop("trainer")
+        return out
     from unimm_jax.evals import shapes_eval
     from unimm_jax.train.export import export_model
 

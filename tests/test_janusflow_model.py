@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -25,7 +26,7 @@ from unimm_jax.models.janusflow import (  # noqa: E402
     prompt_layout,
 )
 from unimm_jax.models.janusflow_config import tiny_janusflow_config, validate_janusflow_config  # noqa: E402
-from unimm_jax.train.flow_step import flow_train_step, init_flow_params, synthetic_flow_batch  # noqa: E402
+from unimm_jax.train.flow_step import flow_train_step, synthetic_flow_batch  # noqa: E402
 from unimm_jax.train.state import TrainState  # noqa: E402
 
 N_UND = (TINY["image"] // TINY["patch"]) ** 2
@@ -101,13 +102,18 @@ def test_split_llm_run_gives_the_intermediate_layer(ds):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = tiny_janusflow_config()
+def tiny(ds):
+    """The DeepSeek-layout model's params plus a freshly initialised REPA head on LLM layer 1
+    (a whole-model init would cost a long compile on a small CPU)."""
+    from unimm_jax.models.janusflow import RepaHead
+
+    _, m = ds
+    cfg = m.config.copy_and_resolve_references()
     cfg.flow.cond_drop_rate = 0.0
-    params = init_flow_params(cfg, jax.random.key(0))
-    leaves, tree = jax.tree.flatten(params)
-    noise = jax.jit(lambda ls: [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(ls)])
-    params = jax.tree.unflatten(tree, noise(leaves))  # GRN/biases start at 0: make every path non-trivial
+    cfg.repa.update(dict(enabled=True, layer=1, hidden=48))
+    validate_janusflow_config(cfg)
+    head = RepaHead(48, cfg.vision.hidden_size).init(jax.random.key(0), jnp.zeros((1, cfg.llm.hidden_size)))
+    params = dict(m.params, repa_head=jax.tree.map(jnp.asarray, nn.unbox(head["params"])))
     batch = {k: jnp.asarray(v) for k, v in synthetic_flow_batch(cfg, 2, 5, seed=0, index=0).items()}
     return cfg, params, batch
 

@@ -477,8 +477,24 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
                                     dict(vq_params), params["vq"])
         return params
 
+    def periodic_eval(trainer, step):  # a small eval + sample grid into W/eval/step_<N>/
+        from unimm_jax.api import JanusModel
+        from unimm_jax.evals import shapes_eval
+
+        if jax.process_index() != 0 or "eval" not in config:
+            return
+        small = ml_collections.ConfigDict(config.eval.to_dict())
+        small.num_understanding = min(int(small.num_understanding), 32)
+        small.num_generation = min(int(small.num_generation), 16)
+        small.grid_size = 4
+        host = jax.tree.map(lambda x: jnp.asarray(np.asarray(jax.device_get(x))), trainer.state.params)
+        res = shapes_eval.evaluate(JanusModel(config.model, host), tokenizer, config.data, small,
+                                   os.path.join(workdir, "eval", f"step_{step}"))
+        logging.info("step %d eval: %s", step, {k: res[k]["overall"] for k in ("understanding", "generation")
+                                                if k in res})
+
     out = train(config, workdir, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens,
-                init_params_fn=with_vq)
+                init_params_fn=with_vq, evaluate_fn=periodic_eval)
     if out["stopped_early"]:  # preempted: no export/eval; re-running the command resumes
         out.pop("trainer")
         return out

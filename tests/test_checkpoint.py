@@ -256,6 +256,7 @@ state = make_state(0, 64)
 grads = jax.tree.map(jnp.ones_like, state.params)
 step_fn = jax.jit(lambda s: s.apply_gradients(grads, optax.sgd(0.1)))
 with ck.preemption_guard():
+    state = step_fn(state)  # one step before READY: a loaded machine may deliver the signal at once
     print("READY", flush=True)
     while not ck.should_stop:
         state = step_fn(state)

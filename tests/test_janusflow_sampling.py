@@ -150,3 +150,35 @@ def test_bad_prompts_are_named(ds):
         m.generate_latents_flow(np.array([[1, 9999, TOKENS["boi_token_id"]]]), steps=1)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         m.generate_latents_flow(np.array([PROMPT]), steps=0)
+
+
+def test_vae_subdirectory_is_picked_up(ds, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    import shutil
+
+    path, _, _ = ds
+    ckpt = tmp_path / "with_vae"
+    shutil.copytree(path, ckpt)
+    torch.manual_seed(1)
+    diffusers.AutoencoderKL(block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                            norm_num_groups=32, sample_size=32).save_pretrained(ckpt / "vae")
+    m = uj.load_pretrained(str(ckpt))
+    assert m.vae is not None and m.vae.config.latent_channels == 4
+    # conversions carry the VAE along
+    uj.save_pretrained(m, str(tmp_path / "out"), format="deepseek")
+    assert (tmp_path / "out" / "vae" / "config.json").exists()
+
+
+def test_sharded_sampling_equals_one_device(ds):
+    import jax
+
+    from unimm_jax.sharding import make_mesh
+
+    path, _, m = ds
+    sharded = uj.load_pretrained(path, mesh=make_mesh(data=2, fsdp=2, tensor=2))
+    q = sharded.params["llm"]["layers"]["attn"]["q"]["kernel"]
+    assert len(q.addressable_shards) == 8 and q.sharding.spec != jax.sharding.PartitionSpec()
+    kw = dict(num_images=2, steps=2, cfg_weight=2.0, seed=3)
+    np.testing.assert_allclose(np.asarray(sharded.generate_latents_flow(np.array([PROMPT]), **kw)),
+                               np.asarray(m.generate_latents_flow(np.array([PROMPT]), **kw)), atol=1e-5)

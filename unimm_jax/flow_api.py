@@ -5,8 +5,9 @@
 
 Sampling (`sample_flow_latents`, one jitted function): the prompt rows are stacked
 [conditional; unconditional] (the unconditional copy sees only BOS of its prompt, as DeepSeek's
-demo masks it), the prompt's KV cache is computed once, and each of the `steps` Euler steps
-runs only the time token + latent tokens of both halves against that cache, then combines
+demo masks it), the prompt's KV cache is computed once (per prompt, shared by its images, in
+the per-layer buffers of `unimm_jax.sample.kv_cache`), and each of the `steps` Euler steps runs
+only the time token + latent tokens of both halves against that cache, then combines
 v = w * v_cond - (w - 1) * v_uncond. DeepSeek's demo meant to do the same but its cache loop
 iterates over an empty list, so it re-runs the whole prompt at every step; `use_cache=False`
 reproduces that (the benchmark and the parity test compare the two).
@@ -33,6 +34,7 @@ from unimm_jax.models.janusflow_config import (
     validate_janusflow_config,
 )
 from unimm_jax.sample.flow import cfg_velocity, euler_sample
+from unimm_jax.sample.kv_cache import forward_cached, init_cache
 
 
 def _two_halves(x: jax.Array, n: int) -> jax.Array:
@@ -42,19 +44,47 @@ def _two_halves(x: jax.Array, n: int) -> jax.Array:
     return jnp.repeat(x, n, axis=1).reshape((-1,) + x.shape[2:])
 
 
-def _cached_velocity(module, params, cache, positions, mask, w, z, t):
-    # z serves both halves ([z; z]): the generation encoder runs once on it (repeat=2).
-    tt = jnp.full((z.shape[0],), t, jnp.float32)
-    v = module.apply({"params": params}, cache, z, tt, positions, mask, 2, method=JanusFlow.velocity_cached)
-    v_cond, v_uncond = jnp.split(v, 2, axis=0)
-    return cfg_velocity(v_cond, v_uncond, w)
-
-
 def _full_velocity(module, params, prefix, segment_ids, positions, w, z, t):
     tt = jnp.full((z.shape[0],), t, jnp.float32)
     v = module.apply({"params": params}, prefix, z, tt, segment_ids, positions, 2, method=JanusFlow.velocity)
     v_cond, v_uncond = jnp.split(v, 2, axis=0)
     return cfg_velocity(v_cond, v_uncond, w)
+
+
+def _cached_euler(module, params, prefix, seg, pos, z0, w, *, steps: int, num_images: int) -> jax.Array:
+    """The cached sampler: prefill the [cond; uncond] prompts once, then Euler steps over the time +
+    latent tokens only. The cache (one buffer per layer, `sample.kv_cache`) is carried through
+    the loop: each step writes its own keys/values into the slots after the prompt, in place, and
+    the next step overwrites them; the bookkeeping (valid slots, write index) is reset to the
+    prompt's, so every step sees exactly the prompt plus itself.
+    """
+    c = module.cfg
+    lc, ap = c.llm, functools.partial(module.apply, {"params": params})
+    rows, p = prefix.shape[0], prefix.shape[1]
+    n = num_latent_tokens(c)
+    cache = init_cache(lc, rows, p + 1 + n)
+    _, cache = forward_cached(params["llm"], lc, prefix, seg[:, :p] > 0, cache)
+    # RoPE positions as the reference's: masked prompt slots still count (pos from the cond mask).
+    cache = cache.replace(next_pos=pos[:, p])
+    rep = lambda x: _two_halves(x, num_images)  # noqa: E731  one prefill per prompt, shared by its images
+    cache = cache.replace(k=tuple(rep(x) for x in cache.k), v=tuple(rep(x) for x in cache.v),
+                          valid=rep(cache.valid), next_pos=rep(cache.next_pos))
+    step_valid = jnp.ones((rows * num_images, 1 + n), bool)
+    dt = 1.0 / steps
+
+    def body(i, carry):
+        z, kv = carry
+        t = jnp.full((z.shape[0],), i.astype(jnp.float32) * dt, jnp.float32)
+        # z serves both halves ([z; z]): the generation encoder runs once on it (repeat=2).
+        tokens, t_emb, skip = ap(z, t, 2, method=JanusFlow.encode_latents_tiled)
+        embeds = jnp.concatenate([t_emb[:, None], tokens], axis=1).astype(jnp.dtype(lc.dtype))
+        hidden, new = forward_cached(params["llm"], lc, embeds, step_valid, kv)
+        v = ap(hidden[:, 1:], skip, t_emb, method=JanusFlow.decode_velocity)
+        v_cond, v_uncond = jnp.split(v, 2, axis=0)
+        z = z + dt * cfg_velocity(v_cond, v_uncond, w).astype(jnp.float32)
+        return z, new.replace(index=kv.index, valid=kv.valid, next_pos=kv.next_pos)
+
+    return jax.lax.fori_loop(0, steps, body, (z0.astype(jnp.float32), cache))[0]
 
 
 def sample_flow_latents(module: JanusFlow, params, input_ids, attention_mask, z0, cfg_weight, *,
@@ -77,22 +107,9 @@ def sample_flow_latents(module: JanusFlow, params, input_ids, attention_mask, z0
     prefix = module.apply({"params": params}, prompt, method=lambda m, i: m.llm.embed_tokens(i))
     w = jnp.asarray(cfg_weight, jnp.float32)
     if use_cache:
-        s = p + 1 + n
-        lc = c.llm
-        shape = (lc.num_layers, 2 * b, s, lc.num_kv_heads, lc.head_dim)
-        cache = {"k": jnp.zeros(shape, jnp.dtype(lc.dtype)), "v": jnp.zeros(shape, jnp.dtype(lc.dtype))}
-        slots = jnp.arange(s)
-        visible = seg[:, None, None, :] > 0
-        prefill_mask = visible & (slots[None, None, None, :] <= jnp.arange(p)[None, None, :, None])
-        cache = module.apply({"params": params}, prefix, pos[:, :p], cache, prefill_mask, method=JanusFlow.prefill)
-        # One prefill per prompt; the num_images copies share it.
-        cache = jax.tree.map(lambda x: jnp.swapaxes(_two_halves(jnp.swapaxes(x, 0, 1), num_images), 0, 1), cache)
-        seg_r, pos_r = _two_halves(seg, num_images), _two_halves(pos, num_images)
-        step_mask = (seg_r[:, None, None, :] > 0) & (slots[None, None, None, :] <= p + jnp.arange(1 + n)[None, None, :, None])
-        fn = jax.tree_util.Partial(functools.partial(_cached_velocity, module), params, cache, pos_r[:, p:], step_mask, w)
-    else:
-        fn = jax.tree_util.Partial(functools.partial(_full_velocity, module), params, _two_halves(prefix, num_images),
-                                   _two_halves(seg, num_images), _two_halves(pos, num_images), w)
+        return _cached_euler(module, params, prefix, seg, pos, z0, w, steps=steps, num_images=num_images)
+    fn = jax.tree_util.Partial(functools.partial(_full_velocity, module), params, _two_halves(prefix, num_images),
+                               _two_halves(seg, num_images), _two_halves(pos, num_images), w)
     return euler_sample(fn, z0.astype(jnp.float32), steps=steps).astype(jnp.float32)
 
 

@@ -176,30 +176,6 @@ class JanusFlow(nn.Module):
         n = skip.shape[1] * skip.shape[2]
         return self.decode_velocity(hidden[:, -n:], skip, t_emb)
 
-    def prefill(self, prefix_embeds, positions, cache, mask):
-        """Writes the prompt's keys/values into `cache` (slots 0..P-1); returns the cache.
-
-        prefix_embeds [B, P, D]; positions int32 [B, P]; cache {"k","v": [L, B, S, Hkv, Dh]};
-        mask bool [B, 1, P, S].
-        """
-        _, cache = self.llm(prefix_embeds, positions, None, cache, jnp.int32(0), mask)
-        return cache
-
-    def velocity_cached(self, cache, z, t, positions, mask, repeat: int = 1):
-        """Velocity from the time token + latent tokens attending to a prefilled prompt cache.
-
-        cache: the prefill's cache with S = P + 1 + N slots; z [B, h, w, C]; t [B]; positions
-        int32 [B, 1+N]; mask bool [B, 1, 1+N, S]. The step's own keys/values go to slots P..S-1
-        of a copy that is dropped: the prompt cache stays as prefilled, so every step sees it.
-        repeat: as in `velocity` (z, t of B / repeat rows).
-        """
-        tokens, t_emb, skip = self.encode_latents_tiled(z, t, repeat)
-        dt = jnp.dtype(self.cfg.llm.dtype)
-        embeds = jnp.concatenate([t_emb[:, None].astype(dt), tokens.astype(dt)], axis=1)
-        p = cache["k"].shape[2] - embeds.shape[1]
-        hidden, _ = self.llm(embeds, positions, None, cache, jnp.int32(p), mask)
-        return self.decode_velocity(hidden[:, 1:], skip, t_emb)
-
     # -- shared ---------------------------------------------------------------------------------
     def run_llm(self, embeds, segment_ids, positions):
         """Final hidden states [B, T, D] over embeddings with segment ids (0 = masked key) and positions."""

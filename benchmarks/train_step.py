@@ -142,6 +142,10 @@ def main():
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
     config = load_config(args.config)
+    # transformers' Janus VQ hard-codes 32 GroupNorm groups; the VQ is frozen and outside the
+    # timed step in both frameworks, so give it reference-compatible widths for loading.
+    config.model.vq.base_channels = max(32, config.model.vq.base_channels)
+    config.model.vq.norm_groups = 32
     batch = understanding_batch(config.model, args.batch, args.seq)
     tokens = args.batch * args.seq
     peak = matmul_peak()

@@ -460,8 +460,12 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         _shapes_setup(config, workdir)
         return vq_trainer.train_vq(config.model.vq, config.tokenizer, config.data,
                                    os.path.join(workdir, "tokenizer"), seed=config.seed)["metrics"]
+    if kind == "janusflow" or config.model.get("family") == "janusflow":
+        from unimm_jax.train.flow_trainer import train_flow  # JanusFlow: rectified flow + REPA
+
+        return train_flow(config, workdir)["metrics"]
     if kind != "janus":
-        raise ValueError(f"config.kind={kind!r} is not one of 'janus', 'vq'.")
+        raise ValueError(f"config.kind={kind!r} is not one of 'janus', 'janusflow', 'vq'.")
     check_config(config)
     if config.data.get("source", "shapes") != "shapes":
         out = train(config, workdir)

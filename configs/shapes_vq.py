@@ -23,5 +23,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = default_data_config()
     config.data.num_train = 20000
     config.data.num_test = 500
-    config.tokenizer = vq_train_block(num_steps=300, batch_size=32)
+    config.tokenizer = tiny.get_config().tokenizer
     return config

@@ -176,3 +176,19 @@ def test_two_processes_match_one(tmp_path):
     multi = _losses(multi_dir)
     assert sorted(multi) == sorted(single) == [1, 2, 3]
     np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_cli_log_filter_drops_library_info_but_keeps_warnings_and_ours():
+    import logging as py_logging
+
+    from unimm_jax.cli.train import QuietLibraries
+
+    def record(path, level):
+        return py_logging.LogRecord("absl", level, path, 1, "msg", (), None)
+
+    f = QuietLibraries()
+    lib = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py")
+    ours = os.path.join(os.sep, "repo", "unimm_jax", "train", "loop.py")
+    assert not f.filter(record(lib, py_logging.INFO))
+    assert f.filter(record(lib, py_logging.WARNING))
+    assert f.filter(record(ours, py_logging.INFO))

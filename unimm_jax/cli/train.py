@@ -14,6 +14,7 @@ UNIMM_NUM_PROCESSES, UNIMM_PROCESS_ID environment variables); on Cloud TPU pods 
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import os
 import shlex
 import sys
@@ -30,6 +31,16 @@ _NPROC = flags.DEFINE_integer("num_processes", int(os.environ.get("UNIMM_NUM_PRO
 _PID = flags.DEFINE_integer("process_id", int(os.environ.get("UNIMM_PROCESS_ID", "0")),
                             "This process's index in a multi-process run.")
 _DIST = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pods).")
+
+
+class QuietLibraries(py_logging.Filter):
+    """Drops INFO/DEBUG records logged from inside orbax and grain (one dozen lines per checkpoint
+    save otherwise drown the progress bar); their warnings and errors, and ours, still show."""
+
+    NOISY = (os.sep + "orbax" + os.sep, os.sep + "grain" + os.sep)
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
 
 
 def init_distributed() -> None:
@@ -58,6 +69,7 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config, --workdir, --config.KEY=VALUE.")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required.")
+    logging.get_absl_handler().python_handler.addFilter(QuietLibraries())  # ABSLHandler.handle skips its own filters
     init_distributed()
     import jax
 

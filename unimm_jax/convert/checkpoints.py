@@ -126,32 +126,40 @@ def hf_source(path: str) -> TensorSource:
     return TensorSource(read, names, {}, dtype_of)
 
 
+def deepseek_readers(raw_key: str, janus_name: str, read) -> dict[str, Callable[[], np.ndarray]] | None:
+    """Lazy readers, under transformers' Janus names, of one DeepSeek-layout tensor.
+
+    raw_key: the key in the file; janus_name: that key as DeepSeek's Janus names it (JanusFlow
+    prefixes SigLIP differently). A fused SigLIP qkv gives three readers, the position embedding
+    drops its batch axis; None when the tensor has no transformers counterpart.
+    """
+    qkv = keys.qkv_parts_ds(janus_name)
+    if qkv:
+        layer, leaf = qkv
+
+        def part(j):
+            t = read(raw_key)
+            n = t.shape[0] // 3
+            return t[j * n:(j + 1) * n].copy()
+
+        return {keys.qkv_hf_key(layer, which, leaf): (lambda j=j: part(j)) for j, which in enumerate("qkv")}
+    if janus_name == keys.POS_EMBED_DS:
+        return {keys.POS_EMBED_HF: lambda: (lambda t: t.reshape(t.shape[-2:]))(read(raw_key))}
+    hf = keys.deepseek_to_hf_name(janus_name)
+    return None if hf is None else {hf: lambda: read(raw_key)}
+
+
 def deepseek_source(path: str) -> TensorSource:
     raw_names, read, raw_dtype = _raw_reader(path)
     mapping: dict[str, Callable[[], np.ndarray]] = {}
     origin: dict[str, str] = {}
     extra = {}
     for k in raw_names:
-        qkv = keys.qkv_parts_ds(k)
-        if qkv:
-            layer, leaf = qkv
-            for j, which in enumerate("qkv"):
-                def part(k=k, j=j):
-                    t = read(k)
-                    n = t.shape[0] // 3
-                    return t[j * n:(j + 1) * n].copy()
-                mapping[keys.qkv_hf_key(layer, which, leaf)] = part
-                origin[keys.qkv_hf_key(layer, which, leaf)] = k
-            continue
-        if k == keys.POS_EMBED_DS:
-            mapping[keys.POS_EMBED_HF] = lambda k=k: (lambda t: t.reshape(t.shape[-2:]))(read(k))
-            origin[keys.POS_EMBED_HF] = k
-            continue
-        hf = keys.deepseek_to_hf_name(k)
-        if hf is None:
+        readers = deepseek_readers(k, k, read)
+        if readers is None:
             extra[k] = lambda k=k: read(k)
-        else:
-            mapping[hf] = lambda k=k: read(k)
+        for hf, reader in (readers or {}).items():
+            mapping[hf] = reader
             origin[hf] = k
     dtype_of = (lambda name: raw_dtype(origin[name])) if raw_dtype else None
     return TensorSource(lambda name: mapping[name](), list(mapping), extra, dtype_of)

@@ -99,24 +99,9 @@ def _janus_view(names, read) -> tuple[ck.TensorSource, dict[str, str]]:
             as_janus = k
         else:
             continue
-        qkv = keys.qkv_parts_ds(as_janus)
-        if qkv:
-            layer, leaf = qkv
-            for j, which in enumerate("qkv"):
-                def part(k=k, j=j):
-                    t = read(k)
-                    n = t.shape[0] // 3
-                    return t[j * n:(j + 1) * n].copy()
-                mapping[keys.qkv_hf_key(layer, which, leaf)] = part
-                origin[keys.qkv_hf_key(layer, which, leaf)] = k
-        elif as_janus == keys.POS_EMBED_DS:
-            mapping[keys.POS_EMBED_HF] = lambda k=k: (lambda t: t.reshape(t.shape[-2:]))(read(k))
-            origin[keys.POS_EMBED_HF] = k
-        else:
-            hf = keys.deepseek_to_hf_name(as_janus)
-            if hf is not None:
-                mapping[hf] = lambda k=k: read(k)
-                origin[hf] = k
+        for hf, reader in (ck.deepseek_readers(k, as_janus, read) or {}).items():
+            mapping[hf] = reader
+            origin[hf] = k
     return ck.TensorSource(lambda name: mapping[name](), list(mapping), {}), origin
 
 

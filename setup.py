@@ -28,6 +28,7 @@ setup(
         "importlib_resources",  # tensorflow-datasets needs it but only declares it for old Pythons
         "ml-collections",
         "clu",
+        "tensorboard",  # its pure-python event writer (train/tensorboard.py); no TensorFlow
         "safetensors",
         "tokenizers",
         "numpy",

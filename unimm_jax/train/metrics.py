@@ -10,10 +10,13 @@ so a resumed run continues the same file; `MetricsLogger(..., resume_step=s)` fi
 logged after step `s` (steps re-run after a restore would otherwise appear twice). The file is
 the backend-independent record: plot it with pandas (`pd.read_json(path, lines=True)`).
 
-TensorBoard: clu's `metric_writers` package imports TensorFlow at import time (clu 0.0.12), so
-without TensorFlow installed it cannot be imported at all. Then the logger falls back to a small
-absl-logging writer with the same `write_scalars` interface and says so once; `backend` tells
-which one is in use. Only process 0 writes anything.
+TensorBoard: event files in `workdir/tb` (view with `tensorboard --logdir W`), written by
+`unimm_jax.train.tensorboard.TensorBoardWriter`, a clu `MetricWriter` on the `tensorboard`
+package's pure-python event writer: clu's own TensorBoard writer needs TensorFlow, which is not
+a dependency. Scalars also go to absl logging. Without the `tensorboard` package (or with use_tensorboard=False) only
+absl logging and the JSON lines are written; `backend` tells which ("tensorboard" or
+"absl-logging"). Images (`write_images`, e.g. the sample grid) go to TensorBoard only. Only
+process 0 writes anything.
 
 `Averages` accumulates eval metrics with `clu.metrics.Average` (weighted by an optional mask).
 """
@@ -46,19 +49,33 @@ class _AbslLoggingWriter:
         pass
 
 
-def _make_writer(logdir: str, use_tensorboard: bool):
-    """(writer, backend name): clu's default writer when clu.metric_writers imports."""
-    try:
-        from clu import metric_writers
-    except ImportError as e:
-        logging.warning("clu.metric_writers is unavailable (%s); TensorBoard summaries are off, "
-                        "scalars go to absl logging and %s only. Install tensorflow to enable "
-                        "them.", e, JSONL_NAME)
+class _FanOut:
+    """Forwards each call to several writers (clu's MultiWriter needs TensorFlow to import)."""
+
+    def __init__(self, *writers):
+        self.writers = writers
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for w in self.writers:
+                if hasattr(w, name):
+                    getattr(w, name)(*args, **kwargs)
+        return call
+
+
+def _make_writer(logdir: str, use_tensorboard: bool, resume_step: int | None = None):
+    """(writer, backend name): TensorBoard event files + absl logging, or absl logging only."""
+    if not use_tensorboard:
         return _AbslLoggingWriter(), "absl-logging"
-    if use_tensorboard:
-        return metric_writers.create_default_writer(logdir, asynchronous=False), "tensorboard"
-    return metric_writers.create_default_writer(None, just_logging=True,
-                                                asynchronous=False), "clu-logging"
+    try:
+        from unimm_jax.train.tensorboard import TensorBoardWriter
+
+        tb = TensorBoardWriter(logdir, resume_step=resume_step)
+    except ImportError as e:
+        logging.warning("TensorBoard summaries are off (%s); scalars go to absl logging and %s "
+                        "only. `pip install tensorboard` enables them.", e, JSONL_NAME)
+        return _AbslLoggingWriter(), "absl-logging"
+    return _FanOut(tb, _AbslLoggingWriter()), "tensorboard"
 
 
 def _to_python(v):
@@ -79,7 +96,8 @@ class MetricsLogger:
       workdir: run directory; TensorBoard events go to `workdir/tb`, the JSON lines to
         `workdir/metrics.jsonl` (appended to if present).
       use_tensorboard: False writes only logging + JSON lines.
-      resume_step: if given, lines with step > resume_step are removed first (atomic rewrite).
+      resume_step: if given, lines with step > resume_step are removed first (atomic rewrite),
+        and TensorBoard is told to drop the older event files' steps > resume_step.
     """
 
     def __init__(self, workdir, use_tensorboard: bool = True, resume_step: int | None = None):
@@ -95,7 +113,7 @@ class MetricsLogger:
         if resume_step is not None and os.path.exists(self.path):
             self._truncate_after(int(resume_step))
         self._writer, self.backend = _make_writer(os.path.join(self.workdir, "tb"),
-                                                  use_tensorboard)
+                                                  use_tensorboard, resume_step)
         # Line-buffered: each step's line reaches the OS at once, so a crash loses nothing
         # that was logged (a hard kill can still cut the very last line; readers skip it).
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")
@@ -128,6 +146,12 @@ class MetricsLogger:
         step = int(step)
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._writer.write_scalars(step, values)
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """Images to TensorBoard only (not to metrics.jsonl): each value [H, W, C] or
+        [N, H, W, C], uint8 or floats in [0, 1]. A no-op without the TensorBoard backend."""
+        if self.is_writer and self.backend == "tensorboard":
+            self._writer.write_images(int(step), {k: np.asarray(v) for k, v in images.items()})
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         if self.is_writer:

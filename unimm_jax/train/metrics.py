@@ -146,6 +146,9 @@ class MetricsLogger:
         step = int(step)
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._writer.write_scalars(step, values)
+        # Event files are written by a background thread that flushes every 30 s: flush now, so
+        # a killed run keeps in TensorBoard, too, every step it logged (as in metrics.jsonl).
+        self._writer.flush()
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         """Images to TensorBoard only (not to metrics.jsonl): each value [H, W, C] or

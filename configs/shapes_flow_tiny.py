@@ -17,6 +17,7 @@ import ml_collections
 from unimm_jax.data.pipeline import default_data_config
 from unimm_jax.data.shapes_vocab import build_shapes_tokenizer, shapes_token_ids
 from unimm_jax.models.janusflow_config import janusflow_model_config
+from unimm_jax.train.loop import train_block
 from unimm_jax.train.optimizer import default_config as optim_config
 
 
@@ -38,18 +39,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.kind = "janusflow"
     config.seed = 0
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
-    config.sharding = dict(rules=())
+    config.sharding = dict(rules=())  # () = unimm_jax.sharding.DEFAULT_RULES
     config.model = shapes_flow_model()
     config.data = default_data_config()
     config.data.source = "shapes"
-    config.data.num_train = 20000
+    config.data.num_train = 20000  # the same shapes world (W/data) as configs/shapes_tiny.py
     config.data.num_test = 500
-    config.data.seq_len = 256
     config.data.batch_size = 16
-    config.data.max_images_per_row = 3
-    config.data.cfg_drop_prob = config.model.flow.cond_drop_rate
+    # LLM tokens per row (15 prompt + 1 time + 16 latent tokens), for the tokens_per_s metric only.
+    config.data.seq_len = 32
     config.optim = optim_config(learning_rate=1e-3, warmup_steps=30, end_lr_fraction=0.05, b2=0.98,
                                 weight_decay=0.05, clip_norm=1.0)
-    config.train = dict(num_steps=400, log_every=10, checkpoint_every=100, eval_every=0)
-    config.eval = dict(num_generation=64, cfg_weight=2.0, steps=30, seed=0)
+    config.train = train_block(num_steps=900, log_every=10, checkpoint_every=100, eval_every=0)
+    # The Janus eval's held-out prompts (shapes.generation_prompts("test", 120, seed=0)).
+    config.eval = dict(num_generation=120, steps=30, cfg_weight=2.0, seed=0, batch_size=60, grid_rows=8)
     return config

@@ -147,6 +147,27 @@ def init_params(model_cfg, mesh, rules, seed: int):
     return params, shardings
 
 
+JANUS_HOOKS = dict(validate=validate_janus_config, module=Janus, init_params=init_params,
+                   train_step=step_lib.train_step, check_batch=step_lib.check_train_batch)
+
+
+def is_flow(config) -> bool:
+    """True for a JanusFlow run (config.kind "janusflow" or model.family "janusflow")."""
+    return config.get("kind", "janus") == "janusflow" or config.model.get("family") == "janusflow"
+
+
+def model_hooks(config) -> dict:
+    """The model-specific pieces the Trainer uses: validate(model_cfg), module(model_cfg),
+    init_params(model_cfg, mesh, rules, seed) -> (params, shardings), train_step(state, batch,
+    module=, tx=, schedule=, grad_accum_steps=), check_batch(host batch, model_cfg, batch_divisor=).
+    Janus's by default; `flow_step.FLOW_HOOKS` (rectified flow + REPA) for JanusFlow."""
+    if is_flow(config):
+        from unimm_jax.train.flow_step import FLOW_HOOKS
+
+        return FLOW_HOOKS
+    return JANUS_HOOKS
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
@@ -222,6 +243,10 @@ def make_data_iterator(config, *, image_encoder: Callable | None = None, tokeniz
     if d.batch_size % pc:
         raise ValueError(f"data.batch_size={d.batch_size} must divide over {pc} processes.")
     source = d.get("source", "shapes")
+    if is_flow(config):  # prompt ids + image latents instead of packed token rows
+        from unimm_jax.train import flow_trainer
+
+        return flow_trainer.make_flow_data_iterator(config, tokenizer=tokenizer)
     if source == "synthetic":
         return iter(grain.MapDataset.source(
             _SyntheticSource(config.model, d, config.seed, pi, pc)).to_iter_dataset())
@@ -254,11 +279,12 @@ class Trainer:
 
     def __init__(self, config, workdir, *, init_params_fn: Callable | None = None, devices=None):
         check_config(config)
-        validate_janus_config(config.model)
+        self.hooks = model_hooks(config)
+        self.hooks["validate"](config.model)
         self.config, self.workdir = config, os.fspath(workdir)
         self.rules = rules_of(config)
         self.mesh = mesh_of(config, devices)
-        self.module = Janus(config.model)
+        self.module = self.hooks["module"](config.model)
         n_shards = batch_shards(self.mesh, self.rules)
         if config.data.batch_size % n_shards:
             raise ValueError(
@@ -269,7 +295,7 @@ class Trainer:
         self.total_micro = int(config.train.num_steps) * self.accum
         # Init runs outside the logical-rules context: flax would otherwise apply activation
         # constraints to the boxed params; placement comes from out_shardings instead.
-        params, self.param_shardings = init_params(config.model, self.mesh, self.rules, config.seed)
+        params, self.param_shardings = self.hooks["init_params"](config.model, self.mesh, self.rules, config.seed)
         if init_params_fn is not None:
             params = init_params_fn(params)
         self.trainable = stage_trainable(config.get("stage", None))
@@ -283,8 +309,8 @@ class Trainer:
                              out_shardings=self.state_shardings)(params)
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        fn = lambda s, b: step_lib.train_step(s, b, module=self.module, tx=self.tx,
-                                              schedule=self.schedule, grad_accum_steps=self.accum)
+        fn = lambda s, b: self.hooks["train_step"](s, b, module=self.module, tx=self.tx,
+                                                   schedule=self.schedule, grad_accum_steps=self.accum)
         self.step_fn = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                                out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
 
@@ -307,7 +333,7 @@ class Trainer:
 
     def step(self, local_batch: dict):
         """One checked micro-step on a per-process batch; returns the metrics (device scalars)."""
-        step_lib.check_train_batch(local_batch, self.config.model, batch_divisor=self.local_divisor)
+        self.hooks["check_batch"](local_batch, self.config.model, batch_divisor=self.local_divisor)
         with self._ctx():
             self.state, metrics = self.step_fn(self.state, global_batch(local_batch, self.batch_sharding))
         return metrics
@@ -460,10 +486,10 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         _shapes_setup(config, workdir)
         return vq_trainer.train_vq(config.model.vq, config.tokenizer, config.data,
                                    os.path.join(workdir, "tokenizer"), seed=config.seed)["metrics"]
-    if kind == "janusflow" or config.model.get("family") == "janusflow":
-        from unimm_jax.train.flow_trainer import train_flow  # JanusFlow: rectified flow + REPA
+    if is_flow(config):  # JanusFlow: this trainer with the flow hooks, then export + flow eval
+        from unimm_jax.train.flow_trainer import run_flow
 
-        return train_flow(config, workdir)["metrics"]
+        return run_flow(config, workdir)
     if kind != "janus":
         raise ValueError(f"config.kind={kind!r} is not one of 'janus', 'janusflow', 'vq'.")
     check_config(config)

@@ -7,13 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator  # an install requirement
 
-pytest.importorskip("tensorboard")
-from PIL import Image  # noqa: E402
-from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
-
-from unimm_jax.train.metrics import MetricsLogger  # noqa: E402
-from unimm_jax.train.tensorboard import TensorBoardWriter  # noqa: E402
+from unimm_jax.train.metrics import MetricsLogger
+from unimm_jax.train.tensorboard import TensorBoardWriter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -154,3 +154,30 @@ def test_bad_batches_are_named():
     oob["input_ids"][1, 0] = 999
     with pytest.raises(ValueError, match=r"input_ids.*\[1, 0\] = 999 is outside"):
         step_lib.check_train_batch(oob, m)
+
+
+def test_task_weights_average_per_task_means(monkeypatch):
+    """task_weights turns the token-weighted mean into a weighted mean of per-task means (a hand
+    computation on fixed per-token losses); None keeps the token-weighted mean; an absent task
+    drops out of the normalisation."""
+    ce = np.array([[1.0, 2.0, 3.0, 0.0], [4.0, 4.0, 4.0, 8.0]], np.float32)
+    task = np.array([[0, 0, 2, 2], [2, 2, 2, 2]], np.int32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.float32)
+    monkeypatch.setattr(step_lib, "per_token_losses",
+                        lambda module, params, batch: (jnp.asarray(ce), jnp.zeros_like(ce)))
+    batch = {"loss_mask": mask, "task_ids": task}
+    token_mean, _ = step_lib.batch_loss(None, None, batch)
+    np.testing.assert_allclose(token_mean, (1 + 2 + 3 + 4 + 4 + 4 + 8) / 7, rtol=1e-6)
+    und, gen = (1 + 2) / 2, (3 + 4 + 4 + 4 + 8) / 5
+    weighted, _ = step_lib.batch_loss(None, None, batch, (3.0, 1.0, 1.0))
+    np.testing.assert_allclose(weighted, (3 * und + 1 * gen) / 4, rtol=1e-6)  # text absent: not counted
+    only_gen, _ = step_lib.batch_loss(None, None, batch, (0.0, 0.0, 1.0))
+    np.testing.assert_allclose(only_gen, gen, rtol=1e-6)
+
+
+def test_task_weight_vector_orders_and_checks():
+    assert loop.task_weight_vector({"generation": 2, "understanding": 1}) == (1.0, 0.0, 2.0)
+    with pytest.raises(ValueError, match="unknown task"):
+        loop.task_weight_vector({"captions": 1})
+    with pytest.raises(ValueError, match="positive sum"):
+        loop.task_weight_vector({"text": 0})

@@ -72,3 +72,25 @@ def test_export_loads_with_load_pretrained(tmp_path):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert load_text_tokenizer(loaded.checkpoint_dir).encode("a red circle") == tok.encode("a red circle")
+
+
+def test_vq_loss_foreground_weight_matches_hand_computation():
+    """The pixel term is mean(w * (|e| + e^2)) / mean(w) with w = 1 + fg on non-white pixels;
+    fg = 0 is the plain mean."""
+    import jax.numpy as jnp
+    from unimm_jax.models.vq import VQModel
+
+    vq = _vq_cfg()
+    params = vq_trainer.init_vq(vq, 0)
+    x = next(_images(2))["images"]
+    m = VQModel(vq)
+    x_hat = np.asarray(m.apply({"params": params}, jnp.asarray(x),
+                               method=lambda mm, im: mm.decode_latents(mm.quantize(mm.quant_conv(mm.encoder(im))).quantized)))
+    err = np.abs(x_hat - x) + np.square(x_hat - x)
+    fg = (np.abs(x - 1.0).max(-1, keepdims=True) > 0.05).astype(np.float32)
+    for weight in (0.0, 4.0):
+        loss, aux = vq_trainer.vq_loss(params, jnp.asarray(x), vq, foreground_weight=weight)
+        w = 1.0 + weight * fg
+        want = (w * err).mean() / w.mean() + float(aux["codebook"]) + float(aux["commit"])
+        np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert 0.0 < fg.mean() < 1.0  # the images really have both kinds of pixels

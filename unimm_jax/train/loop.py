@@ -82,9 +82,27 @@ def train_block(**overrides) -> ml_collections.ConfigDict:
         max_consecutive_skips=5,  # NaN/inf steps tolerated in a row before stopping with an error
         progress_bar=True,
         tensorboard=True,
+        # Per-task loss weights {understanding, text, generation}: the loss becomes the weighted
+        # mean of per-task means (step.batch_loss). None: token-weighted mean, as Janus trains.
+        task_weights=ml_collections.FieldReference(None, field_type=dict),
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
+
+
+def task_weight_vector(weights) -> tuple[float, ...]:
+    """config.train.task_weights (a mapping task -> weight) as a tuple in TASKS order; a task
+    left out weighs 0. Raises ValueError on an unknown task or a negative / all-zero weight."""
+    from unimm_jax.data.batch import TASKS
+
+    weights = dict(weights)
+    unknown = sorted(set(weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"train.task_weights has unknown task(s) {unknown}; tasks are {list(TASKS)}.")
+    vec = tuple(float(weights.get(t, 0.0)) for t in TASKS)
+    if min(vec) < 0 or sum(vec) <= 0:
+        raise ValueError(f"train.task_weights must be >= 0 with a positive sum, got {weights}.")
+    return vec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +327,11 @@ class Trainer:
                              out_shardings=self.state_shardings)(params)
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
+        extra = {}
+        if config.train.get("task_weights"):
+            extra["task_weights"] = task_weight_vector(config.train.task_weights)
         fn = lambda s, b: self.hooks["train_step"](s, b, module=self.module, tx=self.tx,
-                                                   schedule=self.schedule, grad_accum_steps=self.accum)
+                                              schedule=self.schedule, grad_accum_steps=self.accum, **extra)
         self.step_fn = jax.jit(fn, in_shardings=(self.state_shardings, self.batch_sharding),
                                out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
 

@@ -88,9 +88,14 @@ def per_token_losses(module: Janus, params, batch) -> tuple[jax.Array, jax.Array
     return ce, (pred == tgt).astype(jnp.float32)
 
 
-def batch_loss(module: Janus, params, batch) -> tuple[jax.Array, dict]:
-    """Token-weighted mean CE over the batch (float32 scalar) and an aux dict of sums/counts.
+def batch_loss(module: Janus, params, batch, task_weights=None) -> tuple[jax.Array, dict]:
+    """Mean CE over the batch (float32 scalar) and an aux dict of sums/counts.
 
+    task_weights: None (Janus' token-weighted mean over all loss tokens), or one weight per task
+    in TASKS order: the loss is then sum_t w_t * mean_t / sum_t w_t over the tasks present in
+    the batch, so a task whose examples carry few loss tokens (one-word answers next to 576 or
+    64 image codes) still gets its share of the gradient. With gradient accumulation the task
+    means are per micro-batch.
     aux: "ce_sum/<task>", "tokens/<task>", "correct/<task>" (float32 scalars) for each task in
     TASKS; sums, not means, so callers can combine them over steps without bias.
     """
@@ -102,7 +107,14 @@ def batch_loss(module: Janus, params, batch) -> tuple[jax.Array, dict]:
         aux[f"ce_sum/{task}"] = jnp.sum(ce * wt)
         aux[f"tokens/{task}"] = jnp.sum(wt)
         aux[f"correct/{task}"] = jnp.sum(correct * wt)
-    loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+    if task_weights is None:
+        loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+    else:
+        tw = jnp.asarray(task_weights, jnp.float32)
+        n = jnp.stack([aux[f"tokens/{t}"] for t in TASKS])
+        means = jnp.stack([aux[f"ce_sum/{t}"] for t in TASKS]) / jnp.maximum(n, 1.0)
+        tw = jnp.where(n > 0, tw, 0.0)
+        loss = jnp.sum(tw * means) / jnp.maximum(jnp.sum(tw), 1e-9)
     return loss, aux
 
 
@@ -123,9 +135,10 @@ def summarize(aux: Mapping[str, jax.Array]) -> dict:
 
 
 def train_step(state, batch, *, module: Janus, tx: optax.GradientTransformation,
-               schedule: Callable | None = None, grad_accum_steps: int = 1):
+               schedule: Callable | None = None, grad_accum_steps: int = 1, task_weights=None):
     """One micro-step: gradients of `batch_loss`, `tx.update` (accumulating when configured).
 
+    task_weights: see `batch_loss` (None = token-weighted mean).
     state: `TrainState`; batch: dict of arrays per the contract (global batch, sharded).
     Returns (new state, metrics) where metrics holds float32 scalars: loss, loss/<task>,
     accuracy/<task>, tokens, grad_norm, lr (the rate of the optimizer update this micro-step
@@ -133,7 +146,7 @@ def train_step(state, batch, *, module: Janus, tx: optax.GradientTransformation,
     """
     lr_step = state.step // grad_accum_steps  # the update this micro-step contributes to
     (loss, aux), grads = jax.value_and_grad(
-        lambda p: batch_loss(module, p, batch), has_aux=True)(state.params)
+        lambda p: batch_loss(module, p, batch, task_weights), has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.apply_gradients(grads, tx)

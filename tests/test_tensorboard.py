@@ -134,3 +134,30 @@ def test_no_tensorflow_needed_and_a_clu_metric_writer(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr[-3000:]
     assert _scalars(_load(tmp_path / "tb"), "loss") == [(1, 2.0)]
+
+
+def test_base_class_loads_from_clu_file_when_its_package_cannot_import(monkeypatch):
+    """Without TensorFlow `import clu.metric_writers` fails; the interface module is then read
+    from clu's file, even when no half-imported copy is left in sys.modules."""
+    import builtins
+
+    from unimm_jax.train import tensorboard as tb
+
+    for name in [n for n in sys.modules if n.startswith("clu.metric_writers")]:
+        monkeypatch.delitem(sys.modules, name)
+    real_import = builtins.__import__
+
+    def no_clu_writers(name, *args, **kwargs):
+        if name.startswith("clu.metric_writers"):
+            raise ImportError("No module named 'tensorflow'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_clu_writers)
+    base = tb._metric_writer_base()
+    monkeypatch.undo()
+    assert base.__name__ == "MetricWriter" and base.__module__ == "clu.metric_writers.interface"
+    assert sorted(base.__abstractmethods__) == sorted(
+        ["write_summaries", "write_scalars", "write_images", "write_videos", "write_audios",
+         "write_texts", "write_histograms", "write_hparams", "flush", "close"])
+    # TensorBoardWriter implements every abstract method, so it can be instantiated
+    assert not TensorBoardWriter.__abstractmethods__

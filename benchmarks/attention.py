@@ -14,6 +14,11 @@ kernels that skip masked blocks and for XLA (which computes them) are thus compa
 as useful work per second.
 
 Without an accelerator it says so and runs a tiny correctness check in interpret mode.
+
+`--sweep` (GPU): times `pallas_gpu` over the tile / num_warps / num_stages variants in
+FWD_VARIANTS and BWD_VARIANTS (forward alone, and forward+backward with the default forward),
+to pick BlockSizes defaults. `--check` (GPU): compiled-kernel errors against the float32
+reference at a long sequence (bf16 and float32 inputs).
 """
 from __future__ import annotations
 
@@ -95,6 +100,89 @@ def print_table(rows, ours: str, names):
       print(f"{seq:>6} {p:>8} {cells} {ratios}")
 
 
+# (block_q, block_kv, num_warps, num_stages) of the forward kernel; the first is the default.
+FWD_VARIANTS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (128, 128, 8, 3),
+                (64, 64, 4, 3), (256, 64, 16, 3)]
+# (block_q, block_kv, num_warps, num_stages) of the dq kernel, then of the dk/dv kernel;
+# the first is the default.
+BWD_VARIANTS = [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 64, 8, 2), (64, 64, 8, 2)),
+                ((64, 64, 4, 3), (64, 64, 4, 3)), ((128, 64, 8, 3), (64, 64, 4, 2)),
+                ((128, 64, 8, 3), (64, 128, 8, 3)), ((128, 32, 4, 3), (32, 128, 4, 3))]
+
+
+def sweep(args):
+  """Times pallas_gpu per BlockSizes variant; prints TF/s (same FLOP rule as `bench`)."""
+  from unimm_jax.kernels import flash_gpu
+
+  print(f"device: {jax.devices()[0].device_kind}; sweep, bfloat16 causal Hq={args.heads} "
+        f"Hkv={args.kv_heads} D={args.head_dim}")
+  base = flash_gpu.BlockSizes()
+  for seq in args.seqs:
+    b = max(1, args.tokens // seq)
+    ks = jax.random.split(jax.random.PRNGKey(1), 4)
+    q = jax.random.normal(ks[0], (b, seq, args.heads, args.head_dim), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (b, seq, args.kv_heads, args.head_dim), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (b, seq, args.kv_heads, args.head_dim), jnp.bfloat16)
+    do = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
+    fwd_flops = 4 * b * args.heads * seq * seq * args.head_dim / 2
+
+    def rate(sizes, backward):
+      f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, causal=True, block_sizes=sizes)
+      if backward:
+        fn = jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
+        return 3.5 * fwd_flops / time_fn(fn, (q, k, v, do), args.iters) / 1e12
+      return fwd_flops / time_fn(jax.jit(f), (q, k, v), args.iters) / 1e12
+
+    for bq, bk, w, st in FWD_VARIANTS:
+      sizes = flash_gpu.BlockSizes(**{**base.__dict__, "block_q": bq, "block_kv": bk,
+                                      "fwd_warps": w, "fwd_stages": st})
+      try:
+        r = f"{rate(sizes, False):7.1f}"
+      except Exception as e:
+        r = f"failed ({type(e).__name__}: {str(e)[:100]})"
+      print(f"  seq={seq} fwd  bq={bq:<3} bk={bk:<3} warps={w} stages={st}: {r} TF/s", flush=True)
+    for (bq1, bk1, w1, st1), (bq2, bk2, w2, st2) in BWD_VARIANTS:
+      sizes = flash_gpu.BlockSizes(**{**base.__dict__, "block_q_dq": bq1, "block_kv_dq": bk1,
+                                      "dq_warps": w1, "dq_stages": st1, "block_q_dkv": bq2,
+                                      "block_kv_dkv": bk2, "dkv_warps": w2, "dkv_stages": st2})
+      try:
+        r = f"{rate(sizes, True):7.1f}"
+      except Exception as e:
+        r = f"failed ({type(e).__name__}: {str(e)[:100]})"
+      print(f"  seq={seq} fwd+bwd dq=({bq1},{bk1},w{w1},s{st1}) dkv=({bq2},{bk2},w{w2},s{st2}): "
+            f"{r} TF/s", flush=True)
+
+
+def device_check(seq: int = 2048) -> bool:
+  """Compiled pallas_gpu vs the float32 reference (run on upcast inputs): relative max error
+  of out, dq, dk, dv for bf16 and float32, causal GQA 8/2 heads, D=128, packed segments."""
+  ok = True
+  for dtype, tol in (("bfloat16", 2e-2), ("float32", 5e-3)):
+    rng = np.random.default_rng(0)
+    shapes = ((2, seq, 8, 128), (2, seq, 2, 128), (2, seq, 2, 128), (2, seq, 8, 128))
+    q, k, v, do = (jnp.asarray(rng.standard_normal(s, np.float32)).astype(dtype) for s in shapes)
+    seg = jnp.asarray(np.repeat([[1, 2, 3]], [seq // 2, seq // 4 + 3, seq // 4 - 3], axis=1)
+                      .repeat(2, 0).astype(np.int32))
+
+    def run(f, *xs):
+      out, vjp = jax.vjp(f, *xs[:3])
+      return (out, *vjp(xs[3]))
+
+    ours = jax.jit(lambda *xs: run(lambda q, k, v: kernels.attention(
+        q, k, v, causal=True, segment_ids=seg, impl="pallas_gpu"), *xs))(q, k, v, do)
+    with jax.default_matmul_precision("highest"):
+      ref = jax.jit(lambda *xs: run(lambda q, k, v: kernels.attention_reference(
+          q, k, v, causal=True, segment_ids=seg), *xs))(
+              *(x.astype(jnp.float32) for x in (q, k, v, do)))
+    errs = [float(jnp.abs(a.astype(jnp.float32) - r).max() / jnp.maximum(1.0, jnp.abs(r).max()))
+            for a, r in zip(ours, ref)]
+    good = max(errs) < tol and all(bool(jnp.isfinite(a).all()) for a in ours)
+    ok &= good
+    print(f"  check {dtype} T={seq} GQA 8/2 segments: rel max err out/dq/dk/dv "
+          + " ".join(f"{e:.1e}" for e in errs) + ("  ok" if good else "  FAIL"), flush=True)
+  return ok
+
+
 def correctness_check() -> bool:
   """Tiny fwd+grad comparison of both Pallas kernels (interpret mode) to the reference."""
   rng = np.random.default_rng(0)
@@ -128,11 +216,20 @@ def main(argv=None):
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--tokens", type=int, default=16384, help="batch * seq per step")
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--sweep", action="store_true", help="GPU: time BlockSizes variants")
+  p.add_argument("--check", action="store_true", help="GPU: compiled kernel vs reference")
+  p.add_argument("--no-bench", action="store_true", help="skip the side-by-side table")
   args = p.parse_args(argv)
   backend = jax.default_backend()
   if backend in ("gpu", "tpu"):
-    bench(args, backend)
-    return 0
+    ok = True
+    if args.check and backend == "gpu":
+      ok = device_check()
+    if args.sweep and backend == "gpu":
+      sweep(args)
+    if not args.no_bench:
+      bench(args, backend)
+    return 0 if ok else 1
   print(f"No accelerator (jax backend: {backend}): no timings. Running a tiny correctness "
         f"check of the Pallas kernels in interpret mode instead.")
   return 0 if correctness_check() else 1

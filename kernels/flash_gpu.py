@@ -9,12 +9,23 @@ Triton needs power-of-two tiles, so T and S are padded to block multiples (padde
 masked, padded query rows sliced away) and D to a power of two >= 16 (zero columns change
 no dot product).
 
- * forward: grid (B, Hq, T/bq); each program loops over kv blocks with an online softmax.
+ * forward: grid (T/bq, Hq, B); each program loops over kv blocks with an online softmax.
    K/V blocks come from kv head h // G through the index map (grouped-query attention
-   without repeated K/V); causal programs stop at their last visible kv block.
- * dq:      grid (B, Hq, T/bq); loops over kv blocks.
- * dk/dv:   grid (B, Hkv, S/bk); loops over the G query heads of its kv head and their q
-   blocks (starting at the first visible one when causal), summing in registers.
+   without repeated K/V); causal programs stop at their last visible kv block (loop bound,
+   not a mask), and only the diagonal blocks (and padded / segmented ones) build a mask.
+ * dq:      grid (T/bq, Hq, B); holds a q tile, loops over (visible) kv blocks.
+ * dk/dv:   grid (S/bk, Hkv, B); holds a kv tile, loops over the G query heads of its kv head
+   and their q blocks (from the first visible one when causal), summing in registers. It
+   works on transposed tiles (S^T = K Q^T, dV += P^T dO as P^T @ dO, dK += dS^T Q), so
+   every matmul is a plain or B-transposed product and no register tile is transposed.
+ * delta = rowsum(dO * O) is one fused XLA pass before the two kernels.
+
+Speed choices: the q/kv block index is the fastest-varying grid axis, so the programs that
+run together share one head's K/V (or Q/dO) in L2; causal q blocks run last-first (the
+heaviest first, less tail). Softmax runs in base 2 (logits scaled by scale * log2(e), exp2,
+log-sum-exp stored in base 2 for the backward), which saves the range reduction of exp.
+Matmul operands stay in the input dtype (bf16 MMAs) with float32 accumulation; float32
+inputs use the GPU's default dot precision (TF32 on Ampere/Hopper, ~1e-3 relative).
 
 On CPU pass `interpret=True` (Pallas' generic interpreter runs the same kernels).
 """
@@ -35,26 +46,40 @@ from .masking import MASK_VALUE
 from .tiling import next_pow2, pad_axis, round_up
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 _MIN_BLOCK = 16  # smallest tile Triton's dot accepts
+_LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tiles: forward (block_q, block_kv) and backward (block_q_bwd, block_kv_bwd).
+  """Tiles (powers of two >= 16) and Triton launch settings per kernel.
 
-  Powers of two. Defaults suit head dim 64-128 on A100/H100; tune per model.
+  Forward: a program holds `block_q` query rows and steps over `block_kv` keys.
+  dq: holds `block_q_dq` rows, steps over `block_kv_dq` keys.
+  dk/dv: holds `block_kv_dkv` keys, steps over `block_q_dkv` query rows.
+  `*_warps` / `*_stages` (Triton num_warps / software-pipelining depth): None picks by
+  head dim (forward: 8 warps, 3 stages for head dim 128; backward: 4 warps, 2 stages).
+  Defaults were tuned on an H100 for bf16 causal attention with head dim 128
+  (`python benchmarks/attention.py --sweep`; results in benchmarks/RESULTS.md).
   """
   block_q: int = 128
   block_kv: int = 64
-  block_q_bwd: int = 64
-  block_kv_bwd: int = 64
+  block_q_dq: int = 64
+  block_kv_dq: int = 64
+  block_q_dkv: int = 64
+  block_kv_dkv: int = 64
+  fwd_warps: int | None = None
+  fwd_stages: int | None = None
+  dq_warps: int | None = None
+  dq_stages: int | None = None
+  dkv_warps: int | None = None
+  dkv_stages: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
   causal: bool
-  scale: float
+  scale: float  # softmax scale (natural units)
   offset: int  # S - T (real lengths)
   kv_len: int  # real S
   kv_padded: bool
@@ -63,14 +88,26 @@ class _Cfg:
   blocks: BlockSizes  # already clipped to the (padded) sequence lengths
   interpret: bool
 
+  @property
+  def qk_scale(self) -> float:  # logits in base-2 units: exp(x * scale) = exp2(x * qk_scale)
+    return self.scale * _LOG2E
 
-def _logits(cfg: _Cfg, q, k):
-  return lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+
+def _logits2(cfg: _Cfg, a, b):
+  """a @ b.T in float32, scaled to base-2 softmax units."""
+  return lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * cfg.qk_scale
 
 
-def _mask(cfg: _Cfg, q_start, kv_start, bq, bk, q_seg, kv_seg):
+def _mask(cfg: _Cfg, q_start, kv_start, bq, bk, q_seg, kv_seg, transposed=False):
+  """Allowed pairs of a [bq, bk] tile ([bk, bq] when `transposed`), or None (all allowed)."""
   rows = q_start + jnp.arange(bq, dtype=jnp.int32)
   cols = kv_start + jnp.arange(bk, dtype=jnp.int32)
+  if transposed:
+    return masking.attend_mask(
+        rows[None, :], cols[:, None], causal=cfg.causal, offset=cfg.offset,
+        kv_len=cfg.kv_len, kv_padded=cfg.kv_padded,
+        q_seg=None if q_seg is None else q_seg[None, :],
+        kv_seg=None if kv_seg is None else kv_seg[:, None])
   return masking.attend_mask(
       rows[:, None], cols[None, :], causal=cfg.causal, offset=cfg.offset, kv_len=cfg.kv_len,
       kv_padded=cfg.kv_padded,
@@ -79,13 +116,15 @@ def _mask(cfg: _Cfg, q_start, kv_start, bq, bk, q_seg, kv_seg):
 
 
 def _kv_stop(cfg: _Cfg, q_block, bq, bk, num_kv_blocks):
-  """One past the last kv block that q block `q_block` (of size bq) must visit."""
+  """One past the last kv block that q block `q_block` (of size bq) must visit. Blocks made
+  only of padding (the kv padding can span several blocks of a small tile) are never visited."""
+  real = min(num_kv_blocks, -(-cfg.kv_len // bk))
   if not cfg.causal:
-    return num_kv_blocks
+    return real
   last_row = q_block * bq + (bq - 1) + cfg.offset
   # Rows that see nothing (last_row < 0) give stop == 0: the loop does not run.
   stop = jnp.where(last_row < 0, 0, masking.div_nonneg(jnp.maximum(last_row, 0), bk) + 1)
-  return jnp.minimum(stop, num_kv_blocks)
+  return jnp.minimum(stop, real)
 
 
 def _kv_full_stop(cfg: _Cfg, q_block, bq, bk, num_kv_blocks, stop):
@@ -97,12 +136,12 @@ def _kv_full_stop(cfg: _Cfg, q_block, bq, bk, num_kv_blocks, stop):
   if cfg.causal:  # kv block j is full iff (j + 1) * bk - 1 <= first row + offset
     first_row = q_block * bq + cfg.offset
     full = jnp.minimum(full, masking.div_nonneg(jnp.maximum(first_row + 1, 0), bk))
-  if cfg.kv_padded:
-    full = jnp.minimum(full, num_kv_blocks - 1)
+  if cfg.kv_padded:  # blocks [kv_len // bk, ...) hold padded keys
+    full = jnp.minimum(full, cfg.kv_len // bk)
   return full
 
 
-def _q_full_start(cfg: _Cfg, kv_block, bq, bk, num_q_blocks, start):
+def _q_full_start(cfg: _Cfg, kv_block, bq, bk, num_q_blocks, num_kv_blocks, start):
   """For kv block `kv_block`, q blocks [start, result) need a mask and [result, end) not."""
   if cfg.segmented:
     return num_q_blocks
@@ -111,9 +150,9 @@ def _q_full_start(cfg: _Cfg, kv_block, bq, bk, num_q_blocks, start):
     last_key = (kv_block + 1) * bk - 1
     full = jnp.maximum(full, masking.div_nonneg(
         jnp.maximum(last_key - cfg.offset + bq - 1, 0), bq))
-  if cfg.kv_padded:
-    last = kv_block == pl.num_programs(2) - 1
-    full = lax.select(last, jnp.int32(num_q_blocks), jnp.asarray(full, jnp.int32))
+  if cfg.kv_padded:  # a block holding padded keys is masked for every q block
+    padded = kv_block >= cfg.kv_len // bk
+    full = lax.select(padded, jnp.int32(num_q_blocks), jnp.asarray(full, jnp.int32))
   return jnp.minimum(full, num_q_blocks)
 
 
@@ -124,12 +163,18 @@ def _q_start(cfg: _Cfg, kv_block, bq, bk):
   return masking.div_nonneg(jnp.maximum(kv_block * bk - cfg.offset, 0), bq)
 
 
+def _reversed_block(num_blocks: int):
+  """This program's q block: the last one first (for causal, the heaviest programs first)."""
+  return num_blocks - 1 - pl.program_id(0)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg: _Cfg):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg: _Cfg,
+                num_q_blocks: int):
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_kv
-  i = pl.program_id(2)
+  i = _reversed_block(num_q_blocks)
   q = q_ref[...]  # [bq, Dp]
   q_seg = None if qseg_ref is None else qseg_ref[...]
 
@@ -138,7 +183,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
-    s = _logits(cfg, q, k)  # [bq, bk] f32
+    s = _logits2(cfg, q, k)  # [bq, bk] f32, base-2 units
     mask = None
     if masked:
       kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(start, bk)]
@@ -146,10 +191,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg
     if mask is not None:
       s = jnp.where(mask, s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, s.max(axis=1))
-    p = jnp.exp(s - m_next[:, None])
+    p = jnp.exp2(s - m_next[:, None])
     if mask is not None:
       p = jnp.where(mask, p, 0.0)  # rows with nothing allowed yet keep l == 0
-    alpha = jnp.exp(m_prev - m_next)
+    alpha = jnp.exp2(m_prev - m_next)
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return acc * alpha[:, None] + pv, m_next, alpha * l_prev + p.sum(axis=1)
 
@@ -162,14 +207,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg
   acc, m, l = lax.fori_loop(full, stop, functools.partial(body, masked=True), carry)
   o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)[:, None]).astype(o_ref.dtype)
   if lse_ref is not None:
-    # +inf for rows that saw nothing: the backward's exp(s - lse) is then exactly 0.
-    lse_ref[...] = jnp.where(l > 0.0, m + jnp.log(l), jnp.inf)
+    # Base-2 log-sum-exp; +inf for rows that saw nothing: the backward's exp2(s - lse) is 0.
+    lse_ref[...] = jnp.where(l > 0.0, m + jnp.log2(l), jnp.inf)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do_ref,
-               dq_ref, *, cfg: _Cfg):
-  bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_kv_bwd
-  i = pl.program_id(2)
+               dq_ref, *, cfg: _Cfg, num_q_blocks: int):
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
+  i = _reversed_block(num_q_blocks)
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]  # [bq] f32
   q_seg = None if qseg_ref is None else qseg_ref[...]
@@ -178,14 +223,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do_
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
-    s = _logits(cfg, q, k)
+    s = _logits2(cfg, q, k)
     if masked:
       kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(start, bk)]
       mask = _mask(cfg, i * bq, start, bq, bk, q_seg, kv_seg)
       if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     # Masked logits are MASK_VALUE and lse is finite (or +inf), so p is exactly 0 there.
-    p = jnp.exp(s - lse[:, None])
+    p = jnp.exp2(s - lse[:, None])
     dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -200,10 +245,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do_
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do_ref,
-                dk_ref, dv_ref, *, cfg: _Cfg):
+                dk_ref, dv_ref, *, cfg: _Cfg, num_kv_blocks: int):
   # q_ref/do_ref: [Tp, G, Dp] (the G query heads of this kv head); lse/delta: [G, Tp].
-  bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_kv_bwd
-  j = pl.program_id(2)
+  bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
+  j = pl.program_id(0)
   k, v = k_ref[...], v_ref[...]  # [bk, Dp]
   kv_seg = None if kvseg_ref is None else kvseg_ref[...]
   num_q_blocks = q_ref.shape[0] // bq
@@ -216,20 +261,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do
     do = do_ref[pl.ds(start, bq), g, :]
     lse = lse_ref[g, pl.ds(start, bq)]
     delta = delta_ref[g, pl.ds(start, bq)]
-    s = _logits(cfg, q, k)  # [bq, bk]
+    st = _logits2(cfg, k, q)  # [bk, bq]: S^T
     if masked:
       q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, bq)]
-      mask = _mask(cfg, start, j * bk, bq, bk, q_seg, kv_seg)
+      mask = _mask(cfg, start, j * bk, bq, bk, q_seg, kv_seg, transposed=True)
       if mask is not None:
-        s = jnp.where(mask, s, MASK_VALUE)
-    p = jnp.exp(s - lse[:, None])
-    dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32)
-    dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[:, None])
-    dk = dk + lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32)
+        st = jnp.where(mask, st, MASK_VALUE)
+    pt = jnp.exp2(st - lse[None, :])
+    dv = dv + jnp.dot(pt.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dpt = lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)  # (dO V^T)^T
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + jnp.dot(dst.astype(q.dtype), q, preferred_element_type=jnp.float32)
     return dk, dv
 
-  full = _q_full_start(cfg, j, bq, bk, num_q_blocks, first)
+  full = _q_full_start(cfg, j, bq, bk, num_q_blocks, num_kv_blocks, first)
 
   def head_step(g, carry):
     carry = lax.fori_loop(first, full, functools.partial(q_step, g=g, masked=True), carry)
@@ -245,37 +290,44 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, lse_ref, delta_ref, do
 # ------------------------------------------------------------------------- pallas calls
 
 
-def _params(cfg: _Cfg, d: int, tile: int):
+def _params(cfg: _Cfg, warps: int | None, stages: int | None, default_warps: int,
+            default_stages: int):
   if cfg.interpret:
     return dict(interpret=True)
-  warps = 4 if d <= 64 or tile < 64 * 64 else 8
-  return dict(compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=2))
+  return dict(compiler_params=plgpu.CompilerParams(
+      num_warps=warps or default_warps, num_stages=stages or default_stages))
 
 
 def _forward(q, k, v, seg, cfg: _Cfg, save_lse: bool):
-  """q [B,Tp,Hq,Dp], k/v [B,Sp,Hkv,Dp] -> o (and lse [B,Hq,Tp] f32)."""
+  """q [B,Tp,Hq,Dp], k/v [B,Sp,Hkv,Dp] -> o (and base-2 lse [B,Hq,Tp] f32)."""
   b, tp, hq, d = q.shape
   sp = k.shape[1]
   bq, grp = cfg.blocks.block_q, cfg.group
+  nq = tp // bq
+  rev = lambda i: nq - 1 - i
+  kv_head = lambda h: masking.div_nonneg(h, grp)
   in_specs = [
-      pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
-      pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, masking.div_nonneg(h, grp), 0)),
-      pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, masking.div_nonneg(h, grp), 0)),
-      None if seg is None else pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i)),
-      None if seg is None else pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
+      pl.BlockSpec((None, bq, None, d), lambda i, h, b_: (b_, rev(i), h, 0)),
+      pl.BlockSpec((None, sp, None, d), lambda i, h, b_: (b_, 0, kv_head(h), 0)),
+      pl.BlockSpec((None, sp, None, d), lambda i, h, b_: (b_, 0, kv_head(h), 0)),
+      None if seg is None else pl.BlockSpec((None, bq), lambda i, h, b_: (b_, rev(i))),
+      None if seg is None else pl.BlockSpec((None, sp), lambda i, h, b_: (b_, 0)),
   ]
-  out_specs = [pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
-               pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)) if save_lse else None]
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, h, b_: (b_, rev(i), h, 0)),
+               pl.BlockSpec((None, None, bq), lambda i, h, b_: (b_, h, rev(i)))
+               if save_lse else None]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                jax.ShapeDtypeStruct((b, hq, tp), jnp.float32) if save_lse else None]
+  blk = cfg.blocks
   o, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg),
-      grid=(b, hq, tp // bq),
+      functools.partial(_fwd_kernel, cfg=cfg, num_q_blocks=nq),
+      grid=(nq, hq, b),
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
       name="flash_fwd_gpu",
-      **_params(cfg, d, bq * cfg.blocks.block_kv),
+      **_params(cfg, blk.fwd_warps, blk.fwd_stages,
+                4 if d <= 64 or bq * blk.block_kv < 64 * 64 else 8, 3 if d <= 128 else 2),
   )(q, k, v, seg, seg)
   return o, lse
 
@@ -283,43 +335,45 @@ def _forward(q, k, v, seg, cfg: _Cfg, save_lse: bool):
 def _backward(q, k, v, seg, o, lse, do, cfg: _Cfg):
   b, tp, hq, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
-  bq, bk, grp = cfg.blocks.block_q_bwd, cfg.blocks.block_kv_bwd, cfg.group
-  # delta_i = sum_d o_id * do_id: the softmax-Jacobian term of dS; cheap, so plain XLA.
+  blk, grp = cfg.blocks, cfg.group
+  # delta_i = sum_d o_id * do_id: the softmax-Jacobian term of dS; one fused XLA pass.
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
-  tile = bq * bk
 
+  bq, nq = blk.block_q_dq, tp // blk.block_q_dq
+  rev = lambda i: nq - 1 - i
+  kv_head = lambda h: masking.div_nonneg(h, grp)
+  q_rows = pl.BlockSpec((None, bq, None, d), lambda i, h, b_: (b_, rev(i), h, 0))
+  kv_all = pl.BlockSpec((None, sp, None, d), lambda i, h, b_: (b_, 0, kv_head(h), 0))
+  q_stats = pl.BlockSpec((None, None, bq), lambda i, h, b_: (b_, h, rev(i)))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg),
-      grid=(b, hq, tp // bq),
+      functools.partial(_dq_kernel, cfg=cfg, num_q_blocks=nq),
+      grid=(nq, hq, b),
       in_specs=[
-          pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
-          pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, masking.div_nonneg(h, grp), 0)),
-          pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, masking.div_nonneg(h, grp), 0)),
-          None if seg is None else pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i)),
-          None if seg is None else pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
-          pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
-          pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
-          pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+          q_rows, kv_all, kv_all,
+          None if seg is None else pl.BlockSpec((None, bq), lambda i, h, b_: (b_, rev(i))),
+          None if seg is None else pl.BlockSpec((None, sp), lambda i, h, b_: (b_, 0)),
+          q_stats, q_stats, q_rows,
       ],
-      out_specs=pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+      out_specs=q_rows,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       name="flash_dq_gpu",
-      **_params(cfg, d, tile),
+      **_params(cfg, blk.dq_warps, blk.dq_stages, 4, 2),
   )(q, k, v, seg, seg, lse, delta, do)
 
   # The G query heads of kv head h are heads [h*G, (h+1)*G): one block of size G.
-  group_rows = pl.BlockSpec((None, tp, grp, d), lambda b_, h, j: (b_, 0, h, 0))
-  group_stats = pl.BlockSpec((None, grp, tp), lambda b_, h, j: (b_, h, 0))
-  kv_block = pl.BlockSpec((None, bk, None, d), lambda b_, h, j: (b_, j, h, 0))
+  bk, nk = blk.block_kv_dkv, sp // blk.block_kv_dkv
+  group_rows = pl.BlockSpec((None, tp, grp, d), lambda j, h, b_: (b_, 0, h, 0))
+  group_stats = pl.BlockSpec((None, grp, tp), lambda j, h, b_: (b_, h, 0))
+  kv_block = pl.BlockSpec((None, bk, None, d), lambda j, h, b_: (b_, j, h, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg),
-      grid=(b, hkv, sp // bk),
+      functools.partial(_dkv_kernel, cfg=cfg, num_kv_blocks=nk),
+      grid=(nk, hkv, b),
       in_specs=[
           group_rows,
           kv_block,
           kv_block,
-          None if seg is None else pl.BlockSpec((None, tp), lambda b_, h, j: (b_, 0)),
-          None if seg is None else pl.BlockSpec((None, bk), lambda b_, h, j: (b_, j)),
+          None if seg is None else pl.BlockSpec((None, tp), lambda j, h, b_: (b_, 0)),
+          None if seg is None else pl.BlockSpec((None, bk), lambda j, h, b_: (b_, j)),
           group_stats,
           group_stats,
           group_rows,
@@ -327,7 +381,7 @@ def _backward(q, k, v, seg, o, lse, do, cfg: _Cfg):
       out_specs=[kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       name="flash_dkv_gpu",
-      **_params(cfg, d, tile),
+      **_params(cfg, blk.dkv_warps, blk.dkv_stages, 4, 2),
   )(q, k, v, seg, seg, lse, delta, do)
   return dq, dk, dv
 
@@ -375,11 +429,13 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, scale=None,
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   req = block_sizes or BlockSizes()
-  blocks = BlockSizes(_clip(req.block_q, t), _clip(req.block_kv, s),
-                      _clip(req.block_q_bwd, t), _clip(req.block_kv_bwd, s))
-  # Pad to a multiple of both the forward and backward tiles (powers of two: the larger).
-  tp = round_up(t, max(blocks.block_q, blocks.block_q_bwd))
-  sp = round_up(s, max(blocks.block_kv, blocks.block_kv_bwd))
+  blocks = dataclasses.replace(
+      req, block_q=_clip(req.block_q, t), block_kv=_clip(req.block_kv, s),
+      block_q_dq=_clip(req.block_q_dq, t), block_kv_dq=_clip(req.block_kv_dq, s),
+      block_q_dkv=_clip(req.block_q_dkv, t), block_kv_dkv=_clip(req.block_kv_dkv, s))
+  # Pad to a multiple of every q (kv) tile: powers of two, so of the largest.
+  tp = round_up(t, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
+  sp = round_up(s, max(blocks.block_kv, blocks.block_kv_dq, blocks.block_kv_dkv))
   dp = max(next_pow2(d), _MIN_BLOCK)
   cfg = _Cfg(causal=bool(causal), scale=float(1.0 / math.sqrt(d) if scale is None else scale),
              offset=s - t, kv_len=s, kv_padded=sp != s, group=hq // hkv,

@@ -9,10 +9,11 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_cases import (PALLAS_IMPLS, TOLERANCE, Case, dead_rows, make_inputs, max_err,
-                             outputs_and_grads, sweep)
+from attention_cases import (INTERPRET, PALLAS_IMPLS, TOLERANCE, Case, dead_rows, make_inputs,
+                             max_err, outputs_and_grads, sweep)
 
 from unimm_jax import kernels
+from unimm_jax.kernels import flash_gpu
 
 DEFAULT_CASES = sweep(seed=0, n=8, max_len=260)
 # Block multiples, causal: exercises block skipping and the unmasked (full tile) path with
@@ -127,3 +128,23 @@ def test_tpu_kernels_under_strict_tpu_interpreter():
   assert max_err(np.asarray(out), ref_out) < TOLERANCE["float32"]["out"]
   for g, r in zip(grads, ref_grads):
     assert max_err(np.asarray(g), r) < TOLERANCE["float32"]["grad"]
+
+
+@pytest.mark.parametrize("causal,segmented", [(False, False), (True, False), (False, True)])
+def test_gpu_kernel_tiles_differ_per_kernel(causal, segmented):
+  """Forward, dq and dk/dv tiles all differ; S = 40 pads to 64 keys (the dk/dv tile), so the
+  padding fills part of one and the whole of another 16-key forward block: both must be
+  masked or skipped, never taken as full blocks."""
+  case = Case(2, 40, 40, 4, 2, 64, causal, segmented, "float32", seed=11)
+  q, k, v, seg, ct = make_inputs(case)
+  sizes = flash_gpu.BlockSizes(block_q=32, block_kv=16, block_q_dq=16, block_kv_dq=32,
+                               block_q_dkv=64, block_kv_dkv=64)
+  f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, causal=causal, segment_ids=seg,
+                                                block_sizes=sizes, interpret=INTERPRET)
+  out, vjp = jax.jit(lambda q, k, v, ct: (lambda o, fn: (o, fn(ct)))(*jax.vjp(f, q, k, v)))(
+      q, k, v, ct)
+  _, ref_out, ref_grads = _reference(case)
+  tol = TOLERANCE["float32"]
+  assert max_err(np.asarray(out), ref_out) < tol["out"]
+  for g, r in zip(vjp, ref_grads):
+    assert max_err(np.asarray(g), r) < tol["grad"]

@@ -13,10 +13,10 @@ the backend-independent record: plot it with pandas (`pd.read_json(path, lines=T
 TensorBoard: event files in `workdir/tb` (view with `tensorboard --logdir W`), written by
 `unimm_jax.train.tensorboard.TensorBoardWriter`, a clu `MetricWriter` on the `tensorboard`
 package's pure-python event writer: clu's own TensorBoard writer needs TensorFlow, which is not
-a dependency. Scalars also go to absl logging. Without the `tensorboard` package (or with use_tensorboard=False) only
-absl logging and the JSON lines are written; `backend` tells which ("tensorboard" or
-"absl-logging"). Images (`write_images`, e.g. the sample grid) go to TensorBoard only. Only
-process 0 writes anything.
+a dependency. Scalars also go to absl logging. Without the `tensorboard` package (or with
+use_tensorboard=False) only absl logging and the JSON lines are written; `backend` tells which
+("tensorboard" or "absl-logging"). Images (`write_images`, e.g. the sample grid) go to
+TensorBoard only. Only process 0 writes anything.
 
 `Averages` accumulates eval metrics with `clu.metrics.Average` (weighted by an optional mask).
 """

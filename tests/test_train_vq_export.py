@@ -94,3 +94,33 @@ def test_vq_loss_foreground_weight_matches_hand_computation():
         want = (w * err).mean() / w.mean() + float(aux["codebook"]) + float(aux["commit"])
         np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     assert 0.0 < fg.mean() < 1.0  # the images really have both kinds of pixels
+
+
+def _grain_images(n_images=16, batch=4, s=16):
+    """A checkpointable (Grain) iterator of image batches, like pipeline.vq_image_dataset."""
+    import grain
+
+    pool = list(np.concatenate([next(_images(n_images, s, seed=1))["images"]]))
+    ds = grain.MapDataset.source(pool).shuffle(seed=3).repeat().to_iter_dataset()
+    return iter(ds.batch(batch, drop_remainder=True).map(lambda x: {"images": x}))
+
+
+@pytest.mark.slow  # two VQ trainings + orbax checkpoints: ~1-2 min on the shared 2-core CPU
+def test_train_vq_resumes_exactly(tmp_path):
+    """6 steps straight == 3 steps, stop (checkpoint), resume to 6: same params and code usage
+    (dead-code restarts at step 2 and 4 included); a stopped run has no params dir yet."""
+    vq = _vq_cfg()
+    tok = vq_trainer.vq_train_block(num_steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=2,
+                                    restart_every=2, log_every=1, checkpoint_every=100)
+    straight = vq_trainer.train_vq(vq, tok, None, tmp_path / "a", images_iter=_grain_images())
+    first = vq_trainer.train_vq(vq, tok, None, tmp_path / "b", images_iter=_grain_images(), stop_after=3)
+    assert first["stopped_early"] and first["params"] is None
+    assert not (tmp_path / "b" / vq_trainer.PARAMS_DIR).exists()
+    resumed = vq_trainer.train_vq(vq, tok, None, tmp_path / "b", images_iter=_grain_images())
+    assert not resumed["stopped_early"]
+    for a, b in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    import json
+    la = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "metrics.jsonl")]
+    lb = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "metrics.jsonl")]
+    np.testing.assert_allclose(la, lb, rtol=1e-6)

@@ -475,13 +475,15 @@ def _sync(name: str) -> None:
 
 
 def _tokenizer_stage(config, workdir):
-    """(vq params) from config.tokenizer.checkpoint, or trained into W/tokenizer first."""
+    """(vq params) from config.tokenizer.checkpoint, or trained into W/tokenizer first; None when
+    the tokenizer stage was stopped by a signal (re-running the command resumes it)."""
     from unimm_jax.train import vq_trainer
 
     src = config.tokenizer.get("checkpoint", "")
     if not src:
         src = os.path.join(workdir, "tokenizer")
-        vq_trainer.train_vq(config.model.vq, config.tokenizer, config.data, src, seed=config.seed)
+        if vq_trainer.train_vq(config.model.vq, config.tokenizer, config.data, src, seed=config.seed)["stopped_early"]:
+            return None
         _sync("vq_trained")
     vq_cfg, params = vq_trainer.load_vq(src)
     vq_trainer.check_vq_matches(config.model.vq, vq_cfg)
@@ -520,6 +522,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         return out
     tokenizer, tokens = _shapes_setup(config, workdir)
     vq_params = _tokenizer_stage(config, workdir)
+    if vq_params is None:  # preempted during the tokenizer stage
+        return {"step": 0, "stopped_early": True, "stage": "tokenizer", "last": {}}
     encoder = _vq_encoder(config.model, vq_params)
 
     def with_vq(params):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -51,6 +52,7 @@ def vq_train_block(**overrides) -> ml_collections.ConfigDict:
         foreground_weight=0.0,  # extra weight of pixels that differ from `background` (0 = plain mean)
         background=1.0,  # background value in [-1, 1] (white), per channel
         restart_every=50,  # dead-code restart period in steps (0 = off)
+        checkpoint_every=100,  # steps between resumable checkpoints in <tokenizer dir>/ckpt
         log_every=25,
     )
     cfg.update(overrides)
@@ -94,17 +96,29 @@ def _restart_dead_codes(params, usage, z, rng):
     return params, int(dead.sum())
 
 
-def train_vq(vq_cfg, tok_cfg, data_cfg, out_dir, *, seed: int = 0, images_iter=None) -> dict:
-    """Trains the VQ into `out_dir` (see module doc); returns {"params", "metrics"}.
+def train_vq(vq_cfg, tok_cfg, data_cfg, out_dir, *, seed: int = 0, images_iter=None,
+             stop_after: int | None = None) -> dict:
+    """Trains the VQ into `out_dir` (see module doc); returns {"params", "metrics", "stopped_early"}.
 
     vq_cfg: config.model.vq; tok_cfg: `vq_train_block()`; data_cfg: config.data (for the shapes
     images via pipeline.vq_image_dataset). `images_iter` overrides the data (yields
-    {"images": float32 [b, H, W, 3]}).
+    {"images": float32 [b, H, W, 3]}); a Grain iterator (with get_state) is checkpointed too.
+
+    Resumable: every `tok_cfg.checkpoint_every` steps, params, optimizer state, code usage and
+    the data position go to `out_dir/ckpt` (orbax; a half-written step is never read). A new
+    call continues from the newest one; SIGTERM/SIGINT saves and returns with
+    "stopped_early": True ("params" is then None). `stop_after` stops the same way after that
+    many steps of this call (time-boxed runs, tests). Dead-code restarts draw from a generator
+    seeded by (seed, step), so a resumed run equals an uninterrupted one.
     """
+    from unimm_jax.train.checkpoint import Checkpointer
+
     out_dir = os.fspath(out_dir)
-    if os.path.isdir(os.path.join(out_dir, PARAMS_DIR)):
+    if os.path.isfile(os.path.join(out_dir, CONFIG_FILE)):  # written last: the params are complete
         logging.info("VQ tokenizer already trained in %s; loading it.", out_dir)
-        return {"params": load_vq(out_dir)[1], "metrics": {}}
+        return {"params": load_vq(out_dir)[1], "metrics": {}, "stopped_early": False}
+    if os.path.isdir(os.path.join(out_dir, PARAMS_DIR)) and jax.process_index() == 0:
+        shutil.rmtree(os.path.join(out_dir, PARAMS_DIR))  # killed while writing the result
     os.makedirs(out_dir, exist_ok=True)
     if images_iter is None:
         from unimm_jax.data import pipeline
@@ -116,7 +130,8 @@ def train_vq(vq_cfg, tok_cfg, data_cfg, out_dir, *, seed: int = 0, images_iter=N
     sched = optax.warmup_cosine_decay_schedule(0.0, tok_cfg.learning_rate, tok_cfg.warmup_steps,
                                                max(tok_cfg.num_steps, tok_cfg.warmup_steps + 1), 0.05 * tok_cfg.learning_rate)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
-    opt_state = tx.init(params)
+    state = {"params": params, "opt_state": tx.init(params),
+             "usage": jnp.zeros(vq_cfg.codebook_size, jnp.int32)}
 
     @jax.jit
     def step(params, opt_state, images):
@@ -126,35 +141,55 @@ def train_vq(vq_cfg, tok_cfg, data_cfg, out_dir, *, seed: int = 0, images_iter=N
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, aux
 
+    data_iter = images_iter if hasattr(images_iter, "get_state") else None
+    ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=1, async_save=False,
+                        save_interval_steps=int(tok_cfg.get("checkpoint_every", 100)))
+    start = 0
+    restored = ckpt.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), data_iter)
+    if restored is not None:
+        state, start = restored
+        logging.info("VQ tokenizer: resuming from step %d of %d (%s).", start, tok_cfg.num_steps, ckpt.directory)
+    params, opt_state, usage = state["params"], state["opt_state"], np.asarray(state["usage"]).astype(np.int64)
     logger = MetricsLogger(out_dir, use_tensorboard=False)
-    rng = np.random.default_rng(seed)
-    usage = np.zeros(vq_cfg.codebook_size, np.int64)
-    last, t0 = {}, time.perf_counter()
+    last, t0, stopped = {}, time.perf_counter(), False
     try:
-        for i in range(1, tok_cfg.num_steps + 1):
-            images = jnp.asarray(next(images_iter)["images"], jnp.float32)
-            params, opt_state, loss, aux = step(params, opt_state, images)
-            usage += np.bincount(np.asarray(aux["codes"]).ravel(), minlength=vq_cfg.codebook_size)
-            restarted = 0
-            if tok_cfg.restart_every and i % tok_cfg.restart_every == 0 and i < tok_cfg.num_steps * 0.8:
-                params, restarted = _restart_dead_codes(params, usage, np.asarray(aux["z"]), rng)
-                usage[:] = 0
-            if i % tok_cfg.log_every == 0 or i == tok_cfg.num_steps:
-                if not np.isfinite(float(loss)):
-                    raise FloatingPointError(f"VQ loss is {float(loss)} at step {i}; lower tokenizer.learning_rate.")
-                last = {k: float(aux[k]) for k in ("l1", "l2", "codebook", "commit")}
-                last.update(loss=float(loss), codes_used=int((usage > 0).sum()) if not restarted else -1,
-                            restarted=restarted, step_time_s=(time.perf_counter() - t0) / tok_cfg.log_every)
-                logger.write(i, last)
-                logging.info("vq step %d: %s", i, last)
-                t0 = time.perf_counter()
+        with ckpt.preemption_guard():
+            for i in range(start + 1, tok_cfg.num_steps + 1):
+                images = jnp.asarray(next(images_iter)["images"], jnp.float32)
+                params, opt_state, loss, aux = step(params, opt_state, images)
+                usage += np.bincount(np.asarray(aux["codes"]).ravel(), minlength=vq_cfg.codebook_size)
+                restarted = 0
+                if tok_cfg.restart_every and i % tok_cfg.restart_every == 0 and i < tok_cfg.num_steps * 0.8:
+                    params, restarted = _restart_dead_codes(params, usage, np.asarray(aux["z"]),
+                                                            np.random.default_rng([seed, i]))
+                    usage[:] = 0
+                if i % tok_cfg.log_every == 0 or i == tok_cfg.num_steps:
+                    if not np.isfinite(float(loss)):
+                        raise FloatingPointError(f"VQ loss is {float(loss)} at step {i}; lower tokenizer.learning_rate.")
+                    last = {k: float(aux[k]) for k in ("l1", "l2", "codebook", "commit")}
+                    last.update(loss=float(loss), codes_used=int((usage > 0).sum()) if not restarted else -1,
+                                restarted=restarted, step_time_s=(time.perf_counter() - t0) / tok_cfg.log_every)
+                    logger.write(i, last)
+                    logging.info("vq step %d: %s", i, last)
+                    t0 = time.perf_counter()
+                stop = ckpt.stop_requested(i) or (stop_after is not None and i - start >= stop_after)
+                if i < tok_cfg.num_steps:  # the final step's result is the params dir below
+                    state = {"params": params, "opt_state": opt_state, "usage": jnp.asarray(usage, jnp.int32)}
+                    ckpt.save(i, state, data_iter, force=stop)
+                if stop and i < tok_cfg.num_steps:
+                    logging.warning("VQ tokenizer stopped at step %d; re-run the same command to resume.", i)
+                    stopped = True
+                    break
     finally:
+        ckpt.close()
         logger.close()
+    if stopped:
+        return {"params": None, "metrics": last, "stopped_early": True}
     if jax.process_index() == 0:
         save_params(os.path.join(out_dir, PARAMS_DIR), jax.device_get(params))
         with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
             json.dump(vq_cfg.to_dict(), f, indent=2, default=list)
-    return {"params": params, "metrics": last}
+    return {"params": params, "metrics": last, "stopped_early": False}
 
 
 def load_vq(directory):

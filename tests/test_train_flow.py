@@ -37,7 +37,8 @@ def tiny_flow_config(mesh=(1, 1, 1), steps=3, batch=8, **train):
     c.mesh = dict(zip(("data", "fsdp", "tensor"), mesh))
     c.model = mod.shapes_flow_model(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                                     vision_hidden=32, vision_layers=1, vision_heads=2, image_size=S, gen_width=32,
-                                    repa_layer=1, repa_hidden=32)
+                                    vae_downsample=8, latent_channels=192, repa_enabled=True, repa_layer=1,
+                                    repa_hidden=32)
     c.data.image_size, c.data.batch_size, c.data.read_threads = S, batch, 1
     c.optim.warmup_steps = 1
     c.train = loop.train_block(**{**dict(num_steps=steps, log_every=1, checkpoint_every=100, progress_bar=False,

@@ -56,6 +56,13 @@ def init_flow_params_sharded(model_cfg, mesh, rules, seed: int):
     init = _init_fn(model_cfg)
     shapes = jax.eval_shape(init, jax.random.key(seed))
     shardings = shd.params_shardings(janusflow_logical_axes(model_cfg), shapes, mesh, rules)
+    # The ConvNeXt towers stay replicated: with their dense kernels split (embed/mlp) next to the
+    # fsdp-split depthwise conv, XLA's CPU SPMD partitioner (jax 0.10.2) computed a wrong encoder
+    # output on a 2x2x2 mesh (first loss off by 7e-4 relative, `skip` by 1.7 of 5.8), while
+    # replicating them gives the 1-device numbers. They are a small share of the params.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    for tower in ("gen_encoder", "gen_decoder"):
+        shardings[tower] = jax.tree.map(lambda _: replicated, shardings[tower])
     return jax.jit(init, out_shardings=shardings)(jax.random.key(seed)), shardings
 
 

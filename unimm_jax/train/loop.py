@@ -11,6 +11,10 @@ Re-running the same command resumes from the newest finalized checkpoint in W/ck
 (params, optimizer, step, RNG) and the data iterator are restored, onto whatever mesh this run
 uses, so the losses continue exactly as in an uninterrupted run.
 
+JanusFlow (config.kind "janusflow") runs this same loop: `model_hooks` swaps in its module,
+sharded init, step and batch check (`flow_step.FLOW_HOOKS`), and `make_data_iterator` its Grain
+batches (`flow_trainer`); `run` hands the whole flow job to `flow_trainer.run_flow`.
+
 Config blocks read here (configs/shapes_tiny.py has them all): seed, mesh, sharding, model,
 data, tokenizer, optim, stage, train, eval. Unknown top-level blocks are an error.
 

@@ -86,13 +86,26 @@ def init_vq(vq_cfg, seed: int = 0):
 
 
 def _restart_dead_codes(params, usage, z, rng):
-    """Codebook rows unused since the last restart take random recent encoder outputs."""
-    book = params["codebook"]["embedding"]
+    """Codebook rows unused since the last restart take recent encoder outputs, drawn with
+    probability proportional to their squared distance from the nearest live code (k-means++).
+
+    Uniform draws would mostly pick background latents (~75% of shapes-world patches are plain
+    white), splitting one background code into hundreds of interchangeable ones: reconstructions
+    do not care, but the LLM then has to predict noise at every background position. Drawing by
+    distance sends the new codes where the codebook represents the data worst.
+    z: float32 [n, d] L2-normalised latents; usage: int [K] counts since the last restart.
+    """
+    book = np.asarray(params["codebook"]["embedding"])
     dead = usage == 0
-    picks = z[rng.integers(0, z.shape[0], book.shape[0])]
-    new = np.where(dead[:, None], picks, np.asarray(book))
+    if not dead.any():
+        return params, 0
+    live = l2_normalize(jnp.asarray(book[~dead] if (~dead).any() else book))
+    d2 = np.asarray(jnp.maximum(0.0, 2.0 - 2.0 * jnp.max(z @ live.T, axis=1)))  # |z - c|^2 of unit vectors
+    p = d2 / d2.sum() if d2.sum() > 0 else None
+    picks = z[rng.choice(z.shape[0], size=book.shape[0], p=p)]
+    new = np.where(dead[:, None], picks, book)
     params = jax.tree.map(lambda x: x, params)
-    params["codebook"]["embedding"] = jnp.asarray(new, book.dtype)
+    params["codebook"]["embedding"] = jnp.asarray(new, params["codebook"]["embedding"].dtype)
     return params, int(dead.sum())
 
 

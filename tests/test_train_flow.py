@@ -160,7 +160,7 @@ def test_unimm_train_flow_job_exports_and_evaluates(tmp_path):
     """loop.run on a tiny shapes world: TFDS data -> train -> W/model -> W/eval.json + samples.png."""
     import unimm_jax as uj
 
-    c = tiny_flow_config(steps=3)
+    c = tiny_flow_config(mesh=(-1, 1, 1), steps=3)  # data parallel over all (8 fake) devices
     c.data.num_train, c.data.num_test = 32, 8
     out = loop.run(c, str(tmp_path))
     assert out["step"] == 3 and not out["stopped_early"]

@@ -171,7 +171,7 @@ def train_vq(vq_cfg, tok_cfg, data_cfg, out_dir, *, seed: int = 0, images_iter=N
                 images = jnp.asarray(next(images_iter)["images"], jnp.float32)
                 params, opt_state, loss, aux = step(params, opt_state, images)
                 usage += np.bincount(np.asarray(aux["codes"]).ravel(), minlength=vq_cfg.codebook_size)
-                restarted = 0
+                restarted, codes_used = 0, int((usage > 0).sum())  # since the last restart
                 if tok_cfg.restart_every and i % tok_cfg.restart_every == 0 and i < tok_cfg.num_steps * 0.8:
                     params, restarted = _restart_dead_codes(params, usage, np.asarray(aux["z"]),
                                                             np.random.default_rng([seed, i]))
@@ -180,7 +180,7 @@ def train_vq(vq_cfg, tok_cfg, data_cfg, out_dir, *, seed: int = 0, images_iter=N
                     if not np.isfinite(float(loss)):
                         raise FloatingPointError(f"VQ loss is {float(loss)} at step {i}; lower tokenizer.learning_rate.")
                     last = {k: float(aux[k]) for k in ("l1", "l2", "codebook", "commit")}
-                    last.update(loss=float(loss), codes_used=int((usage > 0).sum()) if not restarted else -1,
+                    last.update(loss=float(loss), codes_used=codes_used,
                                 restarted=restarted, step_time_s=(time.perf_counter() - t0) / tok_cfg.log_every)
                     logger.write(i, last)
                     logging.info("vq step %d: %s", i, last)

@@ -6,13 +6,16 @@ does everything: builds the shapes world into W/data, trains the VQ tokenizer in
 (unless tokenizer.checkpoint names one), trains the unified model (understanding : text :
 generation = 4 : 1 : 5, Janus-Pro stage 3 trainable set since everything starts from scratch),
 exports W/model (unimm format + tokenizer.json), evaluates into W/eval.json and writes
-W/samples.png. Measured figures (time, accuracies per kind) are in benchmarks/RESULTS.md.
+W/samples.png. Measured 2026-11-22: 27.5 min wall (partly shared machine), understanding 0.475,
+generation 0.042: below the 0.9 / 0.6 targets; per-kind figures and the diagnosis are in
+benchmarks/RESULTS.md ("Default job").
 
 Sized for a 2-core CPU (choices measured on this machine, 2026-11-22):
 - VQ: 8x downsampling (64 codes per image, codebook 512 x 8), 8-channel levels with no encoder
   res blocks (~4x cheaper per step than 16 channels), lr 8e-3 for 1200 steps, object pixels
-  weighted 4x (tokenizer.foreground_weight=3). Reconstructions of held-out scenes score 0.68
-  with the GenEval-style scorer after 1200 steps (0.0 for the earlier 150-step VQ: grey blobs).
+  weighted 4x (tokenizer.foreground_weight=3). Reconstructions of held-out scenes score 0.55
+  with the GenEval-style scorer after 1200 steps (0.68 in a run with uniform dead-code restarts;
+  0.0 for the earlier 150-step VQ, which decoded grey blobs).
 - SigLIP patch 16: 16 understanding tokens per image, so an understanding example is ~32 tokens
   and more of them fit a step than with patch 8 (64 tokens).
 - LLM hidden 192, 3 layers; loss = mean of per-task means (train.task_weights), since a

@@ -82,23 +82,6 @@ def _to_flow_batch(batch, *, model_cfg):
                 latents=np.asarray(images_to_latents(images, model_cfg), np.float32), pixel_values=images)
 
 
-class _SyntheticFlowSource:
-    """Grain random-access source of per-process slices of `synthetic_flow_batch` (tests, smoke runs)."""
-
-    def __init__(self, model_cfg, data_cfg, seed, process_index, process_count, length=1 << 30):
-        self.model_cfg, self.data_cfg, self.seed = model_cfg, data_cfg, seed
-        self.pi, self.pc, self.length = process_index, process_count, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        full = synthetic_flow_batch(self.model_cfg, self.data_cfg.batch_size, int(self.data_cfg.get("prompt_len", 12)),
-                                    self.seed, int(i))
-        rows = self.data_cfg.batch_size // self.pc
-        return {k: v[self.pi * rows:(self.pi + 1) * rows] for k, v in full.items()}
-
-
 def make_flow_dataset(config, *, tokenizer=None, process_index: int = 0, process_count: int = 1,
                       source=None) -> grain.IterDataset:
     """This process's infinite Grain IterDataset of flow batches (see the module docstring).
@@ -111,8 +94,11 @@ def make_flow_dataset(config, *, tokenizer=None, process_index: int = 0, process
     m, d = config.model, config.data
     rows = pipeline._check_sharding(int(d.batch_size), process_index, process_count)
     if d.get("source", "shapes") == "synthetic":
+        from unimm_jax.train.loop import SyntheticSource  # loop imports this module lazily too
+
         return grain.MapDataset.source(
-            _SyntheticFlowSource(m, d, config.seed, process_index, process_count)).to_iter_dataset()
+            SyntheticSource(lambda i: synthetic_flow_batch(m, d.batch_size, int(d.get("prompt_len", 12)), config.seed, i),
+                            d.batch_size, process_index, process_count)).to_iter_dataset()
     if d.get("source", "shapes") != "shapes":
         raise ValueError(f"data.source={d.source!r} is not one of 'shapes', 'synthetic'.")
     if m.latent.get("kind", "vae") != "space_to_depth":

@@ -242,20 +242,21 @@ def synthetic_batch(model_cfg, data_cfg, seed: int, index: int) -> dict:
     return out
 
 
-class _SyntheticSource:
-    """Grain random-access source of per-process slices of `synthetic_batch`."""
+class SyntheticSource:
+    """Grain random-access source: record i = this process's rows of the global batch
+    `batch_fn(i)` (a dict of arrays with `batch_size` rows), so every process count sees the
+    same global batches (Janus `synthetic_batch`, the flow trainer's synthetic batches)."""
 
-    def __init__(self, model_cfg, data_cfg, seed, process_index, process_count, length=1 << 30):
-        self.model_cfg, self.data_cfg, self.seed = model_cfg, data_cfg, seed
-        self.pi, self.pc, self.length = process_index, process_count, length
+    def __init__(self, batch_fn, batch_size: int, process_index: int, process_count: int, length=1 << 30):
+        self.batch_fn, self.rows = batch_fn, int(batch_size) // process_count
+        self.pi, self.length = process_index, length
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, i):
-        full = synthetic_batch(self.model_cfg, self.data_cfg, self.seed, int(i))
-        rows = self.data_cfg.batch_size // self.pc
-        return {k: v[self.pi * rows:(self.pi + 1) * rows] for k, v in full.items()}
+        full = self.batch_fn(int(i))
+        return {k: v[self.pi * self.rows:(self.pi + 1) * self.rows] for k, v in full.items()}
 
 
 def make_data_iterator(config, *, image_encoder: Callable | None = None, tokenizer=None, tokens=None):
@@ -271,7 +272,8 @@ def make_data_iterator(config, *, image_encoder: Callable | None = None, tokeniz
         return flow_trainer.make_flow_data_iterator(config, tokenizer=tokenizer)
     if source == "synthetic":
         return iter(grain.MapDataset.source(
-            _SyntheticSource(config.model, d, config.seed, pi, pc)).to_iter_dataset())
+            SyntheticSource(lambda i: synthetic_batch(config.model, d, config.seed, i), d.batch_size, pi, pc)
+        ).to_iter_dataset())
     if source == "shapes":
         from unimm_jax.data import pipeline
 

@@ -138,6 +138,14 @@ def test_cli_rejects_unknown_config_key(tmp_path):
     assert "no_such_key" in r.stderr
 
 
+def test_cli_names_a_bad_config_value_and_exits_2(tmp_path):
+    cmd, env = _cli(tmp_path, "--config.optim.warmup_steps=10", steps=4)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]  # the named error, not a traceback, ends the output
+    assert last.startswith("unimm-train: error:") and "warmup_steps=10" in last
+
+
 @pytest.mark.slow
 def test_cli_saves_config_and_command_and_sigterm_saves(tmp_path):
     cmd, env = _cli(tmp_path, "--config.train.log_every=1", steps=400)

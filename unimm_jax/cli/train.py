@@ -79,7 +79,14 @@ def main(argv) -> None:
     config = _CONFIG.value
     if jax.process_index() == 0:
         save_run_files(config, workdir, sys.argv)
-    out = loop.run(config, workdir)
+    try:
+        out = loop.run(config, workdir)
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Bad config or data: the message names the problem and the fix; the traceback stays in
+        # the log (the last good checkpoint is untouched, so fixing and re-running resumes).
+        logging.exception("unimm-train failed")
+        print(f"unimm-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     summary = {k: v for k, v in (out or {}).items() if k in ("step", "stopped_early", "last", "eval")}
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=1, default=str))

@@ -6,7 +6,7 @@ does everything: builds the shapes world into W/data, trains the VQ tokenizer in
 (unless tokenizer.checkpoint names one), trains the unified model (understanding : text :
 generation = 4 : 1 : 5, Janus-Pro stage 3 trainable set since everything starts from scratch),
 exports W/model (unimm format + tokenizer.json), evaluates into W/eval.json and writes
-W/samples.png. Measured 2026-11-22: 27.5 min wall (partly shared machine), understanding 0.475,
+W/samples.png. Measured 2026-11-22: 15.2 min wall on the idle 2-core CPU, understanding 0.475,
 generation 0.042: below the 0.9 / 0.6 targets; per-kind figures and the diagnosis are in
 benchmarks/RESULTS.md ("Default job").
 

@@ -58,6 +58,18 @@ def time_fn(fn, args, iters: int) -> float:
   return statistics.median(times)
 
 
+def bench_inputs(args, seq: int, seed: int):
+  """bf16 q [B,T,Hq,D], k/v [B,T,Hkv,D], cotangent do, and the causal forward FLOPs, with
+  B = args.tokens // seq (at least 1)."""
+  b = max(1, args.tokens // seq)
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (b, seq, args.heads, args.head_dim), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (b, seq, args.kv_heads, args.head_dim), jnp.bfloat16)
+  v = jax.random.normal(ks[2], (b, seq, args.kv_heads, args.head_dim), jnp.bfloat16)
+  do = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
+  return q, k, v, do, 4 * b * args.heads * seq * seq * args.head_dim / 2
+
+
 def bench(args, backend: str):
   ours, fns = attention_fns(backend)
   print(f"device: {jax.devices()[0].device_kind}; bfloat16, causal, Hq={args.heads}, "
@@ -65,13 +77,7 @@ def bench(args, backend: str):
   print("FLOPs: fwd = 4*B*Hq*T*S*D / 2 (causal half), fwd+bwd = 3.5 x fwd\n")
   rows = []
   for seq in args.seqs:
-    b = max(1, args.tokens // seq)
-    ks = jax.random.split(jax.random.PRNGKey(0), 4)
-    q = jax.random.normal(ks[0], (b, seq, args.heads, args.head_dim), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (b, seq, args.kv_heads, args.head_dim), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (b, seq, args.kv_heads, args.head_dim), jnp.bfloat16)
-    do = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
-    fwd_flops = 4 * b * args.heads * seq * seq * args.head_dim / 2
+    q, k, v, do, fwd_flops = bench_inputs(args, seq, seed=0)
     for name, f in fns.items():
       fwd = jax.jit(f)
       fwd_bwd = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
@@ -118,13 +124,7 @@ def sweep(args):
         f"Hkv={args.kv_heads} D={args.head_dim}")
   base = flash_gpu.BlockSizes()
   for seq in args.seqs:
-    b = max(1, args.tokens // seq)
-    ks = jax.random.split(jax.random.PRNGKey(1), 4)
-    q = jax.random.normal(ks[0], (b, seq, args.heads, args.head_dim), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (b, seq, args.kv_heads, args.head_dim), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (b, seq, args.kv_heads, args.head_dim), jnp.bfloat16)
-    do = jax.random.normal(ks[3], q.shape, jnp.bfloat16)
-    fwd_flops = 4 * b * args.heads * seq * seq * args.head_dim / 2
+    q, k, v, do, fwd_flops = bench_inputs(args, seq, seed=1)
 
     def rate(sizes, backward):
       f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, causal=True, block_sizes=sizes)

@@ -51,8 +51,8 @@ from unimm_jax.train.metrics import MetricsLogger
 from unimm_jax.train.optimizer import make_optimizer, make_schedule, stage_trainable, trainable_mask
 from unimm_jax.train.state import TrainState, abstract_train_state, state_shardings
 
-KNOWN_BLOCKS = ("kind", "seed", "mesh", "sharding", "model", "data", "tokenizer", "optim",
-                "stage", "train", "eval")
+KNOWN_BLOCKS = ("kind", "seed", "mesh", "sharding", "model", "data", "tokenizer", "vision_pretrain",
+                "optim", "stage", "train", "eval")
 
 # Janus-Pro's three stages as trainable sets (paths are regexes over param path components).
 # Stage 1 trains the adaptors and the image head; stage 2 all but the two encoders; stage 3
@@ -496,6 +496,30 @@ def _tokenizer_stage(config, workdir):
     return params
 
 
+def _vision_stage(config, workdir):
+    """The pretrained `vision` params (config.vision_pretrain, into W/vision), or None when the
+    config has no such stage or its num_steps is 0 (the tower then starts from its random init)."""
+    pre = config.get("vision_pretrain")
+    if pre is None or int(pre.get("num_steps", 0)) <= 0:
+        return None
+    from unimm_jax.train import vision_pretrain
+
+    out = vision_pretrain.pretrain_vision(config.model.vision, pre, config.data, os.path.join(workdir, "vision"),
+                                          seed=config.seed)
+    _sync("vision_pretrained")
+    return out["params"]
+
+
+def _with_pretrained(params, subtrees):
+    """params with the named subtrees (e.g. {"vq": ..., "vision": ...}) replaced by the given
+    arrays, each cast and placed like the leaf it replaces."""
+    params = dict(params)
+    for name, tree in subtrees.items():
+        params[name] = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                                    dict(tree), params[name])
+    return params
+
+
 def _vq_encoder(model_cfg, vq_params):
     """numpy float32 [n, H, W, 3] -> numpy int32 codes [n, N] with the trained VQ (jitted)."""
     from unimm_jax.models.vq import VQModel
@@ -506,7 +530,8 @@ def _vq_encoder(model_cfg, vq_params):
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
     """What `unimm-train` runs. kind "vq": train the tokenizer into W/tokenizer. kind "janus"
-    (default): [tokenizer] -> train -> export W/model -> W/eval.json + W/samples.png (shapes data)."""
+    (default): [tokenizer] -> [vision pretraining into W/vision] -> train -> export W/model ->
+    W/eval.json + W/samples.png (shapes data)."""
     workdir = os.path.abspath(os.fspath(workdir))
     kind = config.get("kind", "janus")
     if kind == "vq":
@@ -531,12 +556,13 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     if vq_params is None:  # preempted during the tokenizer stage
         return {"step": 0, "stopped_early": True, "stage": "tokenizer", "last": {}}
     encoder = _vq_encoder(config.model, vq_params)
+    pretrained = {"vq": vq_params}
+    vision_params = _vision_stage(config, workdir)
+    if vision_params is not None:
+        pretrained["vision"] = vision_params
 
-    def with_vq(params):
-        params = dict(params)
-        params["vq"] = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-                                    dict(vq_params), params["vq"])
-        return params
+    def with_vq(params):  # the trained tokenizer (and pretrained SigLIP) replace their random init
+        return _with_pretrained(params, pretrained)
 
     def periodic_eval(trainer, step):  # a small eval + sample grid into W/eval/step_<N>/
         from unimm_jax.api import JanusModel

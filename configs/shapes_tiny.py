@@ -7,7 +7,7 @@ does everything: builds the shapes world into W/data, trains the VQ tokenizer in
 W/vision (config.vision_pretrain; Janus starts from a pretrained SigLIP), trains the unified model
 (understanding : text : generation = 5 : 1 : 4, Janus-Pro stage 2: SigLIP and VQ frozen), exports W/model
 (unimm format + tokenizer.json), evaluates into W/eval.json and writes W/samples.png.
-Measured 2026-11-22: ~18 min wall on the idle 2-core CPU, understanding 0.68, generation 0.04:
+Measured 2026-11-22 from a clean clone: 18.6 min wall on the idle 2-core CPU, understanding 0.68, generation 0.04:
 below the 0.9 / 0.6 targets; per-kind figures and the diagnosis are in
 benchmarks/RESULTS.md ("Default job").
 

@@ -399,17 +399,25 @@ def vq_image_dataset(data_cfg, *, batch_size: int, process_index: int = 0, proce
     return ds.batch(b, drop_remainder=True).map(_as_images)
 
 
-def test_understanding_examples(data_cfg, n: int, source=None) -> list[tuple[np.ndarray, str, str, str]]:
-    """The first n readable test-split records as (image float32 [H, W, 3] in [-1, 1], question,
-    answer, question kind); the same list on every call."""
-    records = _open_records(data_cfg, "test", source)
+def first_readable_records(data_cfg, split: str, n: int, source=None) -> list[dict]:
+    """Up to n records of `split` in index order, corrupt ones skipped (SafeRecords): fewer when
+    the split has fewer readable records."""
+    records = _open_records(data_cfg, split, source)
     out = []
     for j in range(len(records)):
         if len(out) == n:
             break
         rec = records[j]
         if rec is not None:
-            out.append((_normalise(rec["image"]), rec["question"], rec["answer"], rec["question_kind"]))
+            out.append(rec)
+    return out
+
+
+def test_understanding_examples(data_cfg, n: int, source=None) -> list[tuple[np.ndarray, str, str, str]]:
+    """The first n readable test-split records as (image float32 [H, W, 3] in [-1, 1], question,
+    answer, question kind); the same list on every call."""
+    out = [(_normalise(rec["image"]), rec["question"], rec["answer"], rec["question_kind"])
+           for rec in first_readable_records(data_cfg, "test", n, source)]
     if len(out) < n:
         raise ValueError(f"asked for {n} test examples but the test split has {len(out)} readable ones; "
                          f"raise config.data.num_test or ask for fewer.")

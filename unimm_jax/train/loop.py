@@ -561,9 +561,6 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     if vision_params is not None:
         pretrained["vision"] = vision_params
 
-    def with_vq(params):  # the trained tokenizer (and pretrained SigLIP) replace their random init
-        return _with_pretrained(params, pretrained)
-
     def periodic_eval(trainer, step):  # a small eval + sample grid into W/eval/step_<N>/
         from unimm_jax.api import JanusModel
         from unimm_jax.evals import shapes_eval
@@ -581,7 +578,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
                                                 if k in res})
 
     out = train(config, workdir, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens,
-                init_params_fn=with_vq, evaluate_fn=periodic_eval)
+                init_params_fn=lambda params: _with_pretrained(params, pretrained), evaluate_fn=periodic_eval)
     if out["stopped_early"]:  # preempted: no export/eval; re-running the command resumes
         out.pop("trainer")
         return out

@@ -104,18 +104,10 @@ def _load_split(data_cfg, split: str, n: int):
     """(uint8 images [n, S, S, 3], multi-hot, counts) of the first n readable records of split."""
     from unimm_jax.data import pipeline
 
-    records = pipeline._open_records(data_cfg, split)
-    images, captions = [], []
-    for j in range(len(records)):
-        if len(images) == n:
-            break
-        rec = records[j]
-        if rec is not None:
-            images.append(rec["image"])
-            captions.append(rec["caption"])
-    if not images:
+    records = pipeline.first_readable_records(data_cfg, split, n)
+    if not records:
         raise ValueError(f"the {split!r} split of {data_cfg.data_dir!r} has no readable records.")
-    return (np.stack(images), *concept_targets(captions))
+    return (np.stack([r["image"] for r in records]), *concept_targets([r["caption"] for r in records]))
 
 
 def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) -> dict:

@@ -96,3 +96,9 @@ def test_with_pretrained_replaces_only_the_named_subtrees():
     out = loop._with_pretrained(params, {"vision": {"w": np.full((2, 3), 2.0, np.float32)}})
     assert out["vision"]["w"].dtype == jnp.bfloat16 and float(out["vision"]["w"][0, 0]) == 2.0
     assert out["llm"] is params["llm"]
+
+
+def test_with_pretrained_names_a_shape_mismatch():
+    params = {"vision": {"pos_embed": jnp.zeros((16, 8))}}
+    with pytest.raises(ValueError, match=r"pretrained vision param \['pos_embed'\] has shape \(64, 8\)"):
+        loop._with_pretrained(params, {"vision": {"pos_embed": np.zeros((64, 8), np.float32)}})

@@ -512,11 +512,19 @@ def _vision_stage(config, workdir):
 
 def _with_pretrained(params, subtrees):
     """params with the named subtrees (e.g. {"vq": ..., "vision": ...}) replaced by the given
-    arrays, each cast and placed like the leaf it replaces."""
+    arrays, each cast and placed like the leaf it replaces. Raises ValueError naming the leaf when
+    a pretrained array's shape differs from the model's (a stage dir from another config)."""
     params = dict(params)
     for name, tree in subtrees.items():
-        params[name] = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-                                    dict(tree), params[name])
+        def put(path, new, old):
+            if np.shape(new) != old.shape:
+                raise ValueError(
+                    f"pretrained {name} param {jax.tree_util.keystr(path)} has shape {np.shape(new)} but the "
+                    f"model's is {old.shape}: it was trained with another config.model.{name}; delete that "
+                    f"stage's directory in the workdir (or point the config at a matching one) and rerun.")
+            return jax.device_put(jnp.asarray(new, old.dtype), old.sharding)
+
+        params[name] = jax.tree_util.tree_map_with_path(put, dict(tree), params[name])
     return params
 
 

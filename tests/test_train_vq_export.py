@@ -96,6 +96,44 @@ def test_vq_loss_foreground_weight_matches_hand_computation():
     assert 0.0 < fg.mean() < 1.0  # the images really have both kinds of pixels
 
 
+def test_constant_patch_loss_by_hand():
+    """Mean |u_i - u_j|^2 over pairs of different constant patches of the same colour (u the unit
+    latents); patches with an edge inside, or of another colour, do not count."""
+    import jax.numpy as jnp
+
+    f = 2  # 4 x 4 pixels, a 2 x 2 latent grid per image
+    x = np.ones((2, 4, 4, 3), np.float32)  # white
+    x[0, 0:2, 2:4] = [1.0, -1.0, -1.0]  # image 0, patch (0, 1): constant red
+    x[1, 2:4, 2:4] = 0.5
+    x[1, 3, 3] = -1.0  # image 1, patch (1, 1): not constant
+    z = np.random.default_rng(0).normal(size=(2, 2, 2, 3)).astype(np.float32)
+    u = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    white = [(0, 0, 0), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0)]  # (image, row, col)
+    pairs = [(a, b) for a in white for b in white if a != b]
+    want = np.mean([np.sum((u[a] - u[b]) ** 2) for a, b in pairs])
+    got = float(vq_trainer.constant_patch_loss(jnp.asarray(x), jnp.asarray(z)))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert f == x.shape[1] // z.shape[1]
+    same = np.broadcast_to(u[0, 0, 0], z.shape).copy()  # every latent equal: nothing to pull
+    assert float(vq_trainer.constant_patch_loss(jnp.asarray(x), jnp.asarray(same))) < 1e-6
+
+
+def test_restart_merges_codes_closer_than_merge_distance():
+    """With merge_distance, a used code next to a more used one is restarted like a dead one;
+    the more used code and far codes stay. Without it only unused codes move."""
+    book = np.array([[1.0, 0.0], [0.999, 0.045], [0.0, 1.0], [-1.0, 0.0]], np.float32)  # 0 and 1: ~0.045 apart
+    params = {"codebook": {"embedding": book}}
+    usage = np.array([50, 10, 5, 0])
+    z = np.array([[0.6, -0.8], [-0.6, -0.8]], np.float32)
+    rng = lambda: np.random.default_rng(0)
+    same, n = vq_trainer._restart_dead_codes(params, usage, z, rng())
+    assert n == 1 and np.array_equal(np.asarray(same["codebook"]["embedding"])[:3], book[:3])
+    merged, n = vq_trainer._restart_dead_codes(params, usage, z, rng(), merge_distance=0.1)
+    new = np.asarray(merged["codebook"]["embedding"])
+    assert n == 2 and np.array_equal(new[[0, 2]], book[[0, 2]])
+    assert any(np.allclose(new[1], zz) for zz in z) and any(np.allclose(new[3], zz) for zz in z)
+
+
 def _grain_images(n_images=16, batch=4, s=16):
     """A checkpointable (Grain) iterator of image batches, like pipeline.vq_image_dataset."""
     import grain

@@ -46,6 +46,29 @@ def test_understanding_example(tok, ids, system_prompt):
     assert tok.decode(ex["input_ids"]).startswith(("<|User|>", "you are")), tok.decode(ex["input_ids"])
 
 
+def test_dialogue_example_is_the_single_turn_example_then_followup_turns(tok, ids):
+    turns = [("What color is the circle?", "red"), ("How many shapes are there?", "two"),
+             ("Is there a blue square?", "no")]
+    ex = conversation.understanding_dialogue_example(tok, ids, turns, N_UND)
+    first = conversation.understanding_example(tok, ids, *turns[0], N_UND)
+    n = len(first["input_ids"])
+    for k in ("input_ids", "target_ids", "loss_mask", "input_is_image", "target_is_image"):
+        np.testing.assert_array_equal(ex[k][:n], first[k])  # turn 1 is the sampling layout
+    seq = (chat_format.understanding_prompt_ids(tok, turns[0][0], ids, N_UND, system_prompt="")
+           + chat_format.answer_ids(tok, "red", ids))
+    for q, a in turns[1:]:
+        seq += tok.encode(f"<|User|>: {q}\n\n<|Assistant|>:") + chat_format.answer_ids(tok, a, ids)
+    _check_shift(ex, seq, np.zeros(len(seq), bool))
+    trained = ex["target_ids"][ex["loss_mask"] > 0]
+    assert tok.decode(trained, skip_special_tokens=False) == "red <eos> two <eos> no <eos>"
+    assert (ex["input_ids"] == ids["image_token_id"]).sum() == N_UND and ex["n_images"] == 1
+    assert (ex["input_ids"] == ids["bos_token_id"]).sum() == 1
+    with pytest.raises(ValueError, match="at least one"):
+        conversation.understanding_dialogue_example(tok, ids, [], N_UND)
+    with pytest.raises(ValueError, match="answer must be a non-empty str"):
+        conversation.understanding_dialogue_example(tok, ids, [turns[0], ("How many shapes are there?", " ")], N_UND)
+
+
 def test_text_example(tok, ids):
     ex = conversation.text_example(tok, ids, "a red circle above a blue square")
     seq = [ids["bos_token_id"]] + tok.encode("a red circle above a blue square") + [ids["eos_token_id"]]

@@ -132,6 +132,43 @@ def test_batches_follow_contract_and_train_only_the_right_tokens(data_dir, tok):
     assert len(calls) - 1 < n_gen / 2
 
 
+def test_dialogues_ask_more_questions_of_each_image(data_dir, tok):
+    """questions_per_image=3: each understanding segment asks the record's question and two more
+    of its qa_pairs, answered right, with loss on every answer + EOS and the image read once."""
+    ids = shapes_vocab.shapes_token_ids(tok)
+    records = {r["caption"] + r["question"]: r for r in pipeline.first_readable_records(_cfg(data_dir), "train", NUM_TRAIN)}
+    it = pipeline.make_train_iterator(_cfg(data_dir, questions_per_image=3, mixture=dict(understanding=1)), **_kw(tok))
+    n = 0
+    for batch in _take(it, 3):
+        check_batch(batch)
+        for r, task, sl in _segments(batch):
+            inp, tgt, loss = batch["input_ids"][r, sl], batch["target_ids"][r, sl], batch["loss_mask"][r, sl] > 0
+            assert (inp == ids["image_token_id"]).sum() == N_UND
+            text = tok.decode(inp)
+            questions = [t.split(" <|Assistant|>")[0].replace(" ?", "?") for t in text.split("<|User|> : ")[1:]]
+            answers = tok.decode(tgt[loss], skip_special_tokens=False).split(" <eos>")[:-1]
+            assert len(questions) == len(answers) == len(set(questions)) and 2 <= len(questions) <= 3
+            kinds = [shapes.question_kind(q) for q in questions]
+            for q, a, k in zip(questions, answers, kinds):
+                assert a.strip() in ANSWERS[k], (q, a)
+            n += 1
+    assert n >= 8
+    # Every dialogue's answers are the ones its record's qa_pairs give (the tokenizer lower-cases).
+    for rec in records.values():
+        qas = dict((q.lower(), a) for q, a in shapes.parse_qa_pairs(rec["qa_pairs"]))
+        assert qas[rec["question"].lower()] == rec["answer"]
+    rng = np.random.default_rng(0)
+    rec = next(iter(records.values()))
+    turns = pipeline.dialogue_turns(rec, rng, 3)
+    assert turns[0] == (rec["question"], rec["answer"]) and set(turns[1:]) <= set(shapes.parse_qa_pairs(rec["qa_pairs"]))
+    assert pipeline.dialogue_turns(rec, rng, 1) == [turns[0]]
+    old = {k: v for k, v in rec.items() if k != "qa_pairs"}  # a record of shapes world 1.0.0
+    with pytest.raises(ValueError, match="needs records with qa_pairs"):
+        pipeline.dialogue_turns(old, rng, 2)
+    with pytest.raises(ValueError, match="questions_per_image=0 must be an int >= 1"):
+        pipeline.make_train_iterator(_cfg(data_dir, questions_per_image=0), **_kw(tok))
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 8, 32])
 def test_chunk_sizes(chunk):
     shapes_seen = set()

@@ -147,6 +147,17 @@ def test_questions_have_correct_answers():
     assert yes_no["yes"] == yes_no["no"]
 
 
+def test_qa_pairs_round_trip_and_bad_text():
+    qas = [("What color is the circle?", "red"), ("How many shapes are there?", "two")]
+    text = shapes.format_qa_pairs(qas)
+    assert text == "What color is the circle?\tred\nHow many shapes are there?\ttwo"
+    assert shapes.parse_qa_pairs(text) == qas and shapes.parse_qa_pairs("") == []
+    with pytest.raises(ValueError, match="not 'question<TAB>answer'"):
+        shapes.parse_qa_pairs("What color is the circle? red")
+    with pytest.raises(ValueError, match="tab or newline"):
+        shapes.format_qa_pairs([("What\tcolor?", "red")])
+
+
 def test_make_example_fields_balance_and_determinism():
     examples = [shapes.make_example(i) for i in range(600)]
     caption_kinds = collections.Counter(e["caption_kind"] for e in examples)
@@ -161,6 +172,11 @@ def test_make_example_fields_balance_and_determinism():
         assert shapes.parse_prompt(e["caption"]).kind == e["caption_kind"]
         assert shapes.question_kind(e["question"]) == e["question_kind"]
         assert len(e["answer"].split()) == 1
+        # qa_pairs: every question of the image (the record's own among them), answered by the
+        # detector-free ground truth questions_for computes from the scene.
+        qas = shapes.parse_qa_pairs(e["qa_pairs"])
+        assert (e["question"], e["answer"]) in qas and len(qas) == len(dict(qas)) >= 3
+        assert {shapes.question_kind(q) for q, _ in qas} >= {"count", "exists"}
     a, b = shapes.make_example(123), shapes.make_example(123)
     np.testing.assert_array_equal(a.pop("image"), b.pop("image"))
     assert a == b
@@ -236,7 +252,7 @@ def _by_index(source):
 
 def _assert_same(a, b):
     np.testing.assert_array_equal(a["image"], b["image"])
-    for k in ("caption", "caption_kind", "question", "answer", "question_kind"):
+    for k in ("caption", "caption_kind", "question", "answer", "question_kind", "qa_pairs"):
         assert a[k] == b[k], k
 
 

@@ -45,6 +45,12 @@ def understanding_prompt_ids(
     return [tokens["bos_token_id"]] + tokenizer.encode(before) + image + tokenizer.encode(after)
 
 
+def followup_prompt_ids(tokenizer: TextTokenizer, question: str) -> list[int]:
+    """A later user turn of a dialogue, after the previous answer's EOS: no BOS, no system prompt,
+    ending at `<|Assistant|>:`."""
+    return tokenizer.encode(format_turn(question))
+
+
 def generation_prompt_ids(tokenizer: TextTokenizer, prompt: str, tokens: Mapping[str, int]) -> list[int]:
     """BOS + template (empty system prompt) + `<begin_of_image>`; image codes follow it."""
     return [tokens["bos_token_id"]] + tokenizer.encode(format_turn(prompt)) + [tokens["boi_token_id"]]

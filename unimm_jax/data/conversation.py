@@ -8,7 +8,8 @@ next-token view of it (L - 1 positions):
   loss_mask[t] = 1 where s[t + 1] is trained
 
   understanding  BOS <|User|>: <boi> N x <image_placeholder> <eoi> question <|Assistant|>: answer EOS
-                 loss on the answer and its EOS only; n_images = 1
+                 [<|User|>: question <|Assistant|>: answer EOS ...]  (more turns: a dialogue)
+                 loss on the answers and their EOS only; n_images = 1
   text           BOS caption EOS, a plain language-model sample; loss on every target
   generation     BOS <|User|>: caption <|Assistant|>: <boi> code_0 .. code_{N-1}
                  loss on the N codes only; the last code is never an input, as at sampling time
@@ -72,16 +73,44 @@ def understanding_example(
     num_image_tokens: placeholders for the one image (SigLIP tokens,
     `janus_config.num_understanding_tokens`). The image itself travels beside the example.
     """
+    return understanding_dialogue_example(tokenizer, tokens, [(question, answer)], num_image_tokens,
+                                          system_prompt=system_prompt)
+
+
+def understanding_dialogue_example(
+    tokenizer: TextTokenizer,
+    tokens: Mapping[str, int],
+    turns: Sequence[tuple[str, str]],
+    num_image_tokens: int,
+    system_prompt: str = "",
+) -> dict:
+    """Several questions about one image, one turn each; loss on every answer + its EOS.
+
+    turns: ``[(question, answer), ...]``, at least one. The first turn carries the image and
+    is exactly `understanding_example` (the layout sampling uses); later turns follow the
+    previous answer's EOS as ``<|User|>: question\n\n<|Assistant|>:`` (DeepSeek's multi-turn
+    template). More answers per image means more supervised tokens per image read.
+    """
     _check_tokens(tokens)
-    _check_text("question", question)
-    _check_text("answer", answer)
+    if not turns:
+        raise ValueError("turns must hold at least one (question, answer) pair.")
     if int(num_image_tokens) < 1:
         raise ValueError(f"num_image_tokens={num_image_tokens} must be >= 1.")
-    prompt = chat_format.understanding_prompt_ids(tokenizer, question, tokens, int(num_image_tokens),
-                                                  system_prompt=system_prompt)
-    reply = chat_format.answer_ids(tokenizer, answer, tokens)
-    trained = np.r_[np.zeros(len(prompt), bool), np.ones(len(reply), bool)]
-    return _example(prompt + reply, np.zeros(len(trained), bool), trained, 1, "understanding")
+    seq: list[int] = []
+    trained: list[bool] = []
+    for i, (question, answer) in enumerate(turns):
+        _check_text("question", question)
+        _check_text("answer", answer)
+        if i == 0:
+            prompt = chat_format.understanding_prompt_ids(tokenizer, question, tokens, int(num_image_tokens),
+                                                          system_prompt=system_prompt)
+        else:
+            prompt = chat_format.followup_prompt_ids(tokenizer, question)
+        reply = chat_format.answer_ids(tokenizer, answer, tokens)
+        seq += prompt + reply
+        trained += [False] * len(prompt) + [True] * len(reply)
+    trained = np.asarray(trained, bool)
+    return _example(seq, np.zeros(len(trained), bool), trained, 1, "understanding")
 
 
 def text_example(tokenizer: TextTokenizer, tokens: Mapping[str, int], caption: str) -> dict:

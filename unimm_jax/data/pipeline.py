@@ -52,6 +52,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.mixture = ml_collections.ConfigDict(dict(understanding=5, text=1, generation=4))
     c.cfg_drop_prob = 0.1         # generation examples whose prompt becomes the unconditional one
     c.system_prompt = ""          # system prompt of understanding examples (chat_format.format_turn)
+    c.questions_per_image = 1     # turns of an understanding dialogue: the record's question, then
+                                  # up to this many - 1 more of its qa_pairs in random order
     c.worker_count = 0            # Grain worker processes packing batches (0 = the main process);
                                   # each worker packs its own slice, so batches differ per count
     c.encode_batch_size = 32      # max images per image_encoder call (see pipeline.chunk_sizes)
@@ -80,6 +82,7 @@ class SafeRecords:
     """
 
     _TEXT = ("caption", "question", "answer", "question_kind")
+    _OPTIONAL_TEXT = ("qa_pairs",)  # shapes world >= 1.1.0; checked where it is needed
 
     def __init__(self, source, image_size: int, split: str = "train"):
         self._source, self._size, self._split = source, int(image_size), split
@@ -92,7 +95,9 @@ class SafeRecords:
         try:
             rec = self._source[j]
             image = np.asarray(rec["image"])
-            out = {k: rec[k] if isinstance(rec[k], str) else rec[k].decode("utf-8") for k in self._TEXT}
+            text = lambda v: v if isinstance(v, str) else v.decode("utf-8")
+            out = {k: text(rec[k]) for k in self._TEXT}
+            out.update({k: text(rec[k]) for k in self._OPTIONAL_TEXT if k in rec})
             out["index"] = int(rec.get("index", j))
         except Exception as e:  # any read/decode failure of one record: skip it, loudly
             self._skip(j, e)
@@ -144,9 +149,25 @@ def _derive_seed(seed: int, *tags: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _format_understanding(rec, *, tokenizer, tokens, num_image_tokens, system_prompt):
-    ex = conversation.understanding_example(tokenizer, tokens, rec["question"], rec["answer"],
-                                            num_image_tokens, system_prompt=system_prompt)
+def dialogue_turns(rec, rng: np.random.Generator, questions_per_image: int) -> list[tuple[str, str]]:
+    """The record's own question first, then up to ``questions_per_image - 1`` other pairs of
+    its ``qa_pairs`` in random order (a record without them is an older shapes world: error)."""
+    turns = [(rec["question"], rec["answer"])]
+    if questions_per_image <= 1:
+        return turns
+    if "qa_pairs" not in rec:
+        raise ValueError("data.questions_per_image > 1 needs records with qa_pairs (shapes world >= 1.1.0); "
+                         "rebuild the dataset (a new data_dir) or set data.questions_per_image=1.")
+    others = [qa for qa in shapes.parse_qa_pairs(rec["qa_pairs"]) if qa[0] != rec["question"]]
+    order = rng.permutation(len(others))[:questions_per_image - 1]
+    return turns + [others[i] for i in order]
+
+
+def _format_understanding(rec, rng=None, *, tokenizer, tokens, num_image_tokens, system_prompt,
+                          questions_per_image=1):
+    turns = dialogue_turns(rec, rng, questions_per_image)
+    ex = conversation.understanding_dialogue_example(tokenizer, tokens, turns, num_image_tokens,
+                                                     system_prompt=system_prompt)
     ex["image"] = _normalise(rec["image"])
     return ex
 
@@ -226,6 +247,13 @@ def _mixture(data_cfg) -> dict[str, float]:
     return {t: w for t, w in weights.items() if w > 0}
 
 
+def _questions_per_image(data_cfg) -> int:
+    n = data_cfg.get("questions_per_image", 1)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"config.data.questions_per_image={n!r} must be an int >= 1 (1 = one question per image).")
+    return n
+
+
 def _check_process(process_index: int, process_count: int) -> None:
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
@@ -258,8 +286,10 @@ def example_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[str, 
     for task in weights:
         ds = records.shuffle(seed=_derive_seed(data_cfg.seed, _TASK_TAG[task])).repeat()
         if task == "understanding":
-            ds = ds.map(functools.partial(_format_understanding, num_image_tokens=int(num_image_tokens),
-                                          system_prompt=data_cfg.system_prompt, **fmt))
+            ds = ds.random_map(functools.partial(
+                _format_understanding, num_image_tokens=int(num_image_tokens), system_prompt=data_cfg.system_prompt,
+                questions_per_image=_questions_per_image(data_cfg), **fmt),
+                seed=_derive_seed(data_cfg.seed, _TASK_TAG[task], 7))
         elif task == "text":
             ds = ds.map(functools.partial(_format_text, **fmt))
         else:
@@ -281,9 +311,10 @@ def max_example_length(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[st
     caption = longest(shapes_vocab.all_captions())
     out = {}
     if "understanding" in weights:
-        ex = conversation.understanding_example(
-            tokenizer, tokens, longest(shapes_vocab.all_questions()), longest(shapes_vocab.all_answers()),
-            int(num_image_tokens), system_prompt=data_cfg.system_prompt)
+        turn = (longest(shapes_vocab.all_questions()), longest(shapes_vocab.all_answers()))
+        ex = conversation.understanding_dialogue_example(
+            tokenizer, tokens, [turn] * _questions_per_image(data_cfg), int(num_image_tokens),
+            system_prompt=data_cfg.system_prompt)
         out["understanding"] = len(ex["input_ids"])
     if "text" in weights:
         out["text"] = len(conversation.text_example(tokenizer, tokens, caption)["input_ids"])

@@ -434,7 +434,8 @@ def make_example(seed_or_rng: SeedLike, image_size: int = _BASE_SIZE) -> dict:
     apply to the scene, then the question uniform within the kind.
 
     Returns dict(image=uint8 [S,S,3], caption=str, caption_kind=str, question=str,
-    answer=str, question_kind=str).
+    answer=str, question_kind=str, qa_pairs=str): ``qa_pairs`` is every question of
+    `questions_for` with its answer (`format_qa_pairs`), for multi-turn training dialogues.
     """
     rng = as_rng(seed_or_rng)
     kind = CAPTION_KINDS[rng.integers(len(CAPTION_KINDS))]
@@ -448,7 +449,26 @@ def make_example(seed_or_rng: SeedLike, image_size: int = _BASE_SIZE) -> dict:
     q_kind = q_kinds[rng.integers(len(q_kinds))]
     question, answer = by_kind[q_kind][rng.integers(len(by_kind[q_kind]))]
     return dict(image=render(scene), caption=caption, caption_kind=kind, question=question,
-                answer=answer, question_kind=q_kind)
+                answer=answer, question_kind=q_kind, qa_pairs=format_qa_pairs(qas))
+
+
+def format_qa_pairs(qas: Sequence[tuple[str, str]]) -> str:
+    """``[(question, answer), ...]`` -> one string, a ``question<TAB>answer`` line per pair."""
+    for q, a in qas:
+        if "\t" in q + a or "\n" in q + a:
+            raise ValueError(f"a question / answer holds a tab or newline: {(q, a)!r}.")
+    return "\n".join(f"{q}\t{a}" for q, a in qas)
+
+
+def parse_qa_pairs(text: str) -> list[tuple[str, str]]:
+    """Inverse of `format_qa_pairs`; ValueError naming the line that is not ``question<TAB>answer``."""
+    out = []
+    for line in text.split("\n") if text else []:
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise ValueError(f"qa_pairs line {line!r} is not 'question<TAB>answer'.")
+        out.append((parts[0], parts[1]))
+    return out
 
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:

@@ -10,6 +10,8 @@ order or machine. Features per example:
   caption_kind  str               one of `shapes.CAPTION_KINDS`
   question      str, answer str   a question with a one-word answer
   question_kind str               one of `shapes.QUESTION_KINDS`
+  qa_pairs      str               every question about the image with its answer, one
+                                  ``question<TAB>answer`` line each (`shapes.parse_qa_pairs`)
   index         int64             the example's index in the generation order of its split
 
 TFDS stores examples in a shuffled (key-hash) order, so random-access index ``j`` of the data
@@ -68,8 +70,10 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
     """Synthetic scenes of coloured shapes with captions and one-word QA (registered as
     "shapes_world")."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "qa_pairs: every question about the image (multi-turn training); the other "
+                              "features are unchanged."}
     BUILDER_CONFIGS = [make_config(), make_config(image_size=32, num_train=10_000, num_test=500)]
 
     @tfds.core.utils.classproperty
@@ -94,6 +98,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
                 "question": tfds.features.Text(),
                 "answer": tfds.features.Text(),
                 "question_kind": tfds.features.Text(),
+                "qa_pairs": tfds.features.Text(),
                 "index": np.int64,
             }),
             supervised_keys=None,
@@ -126,7 +131,7 @@ def build_shapes_world(data_dir: str, image_size: int = 64,
                        seed: int = 0) -> ShapesWorld:
     """Generate the dataset under ``data_dir`` (a no-op when already there); return the builder.
 
-    Files land in ``data_dir/shapes_world/<config_name>/1.0.0/``.
+    Files land in ``data_dir/shapes_world/<config_name>/<VERSION>/``.
     """
     builder = shapes_world_builder(data_dir, image_size, num_train, num_test, seed)
     builder.download_and_prepare()
@@ -138,10 +143,10 @@ class ShapesDataSource:
 
     Wraps the TFDS array_record data source and decodes the text features (which TFDS
     returns as bytes) to ``str``. Record ``j`` is a dict with image uint8 [S, S, 3],
-    caption / caption_kind / question / answer / question_kind str and index int64.
+    caption / caption_kind / question / answer / question_kind / qa_pairs str and index int64.
     """
 
-    _TEXT = ("caption", "caption_kind", "question", "answer", "question_kind")
+    _TEXT = ("caption", "caption_kind", "question", "answer", "question_kind", "qa_pairs")
 
     def __init__(self, tfds_source):
         self._source = tfds_source

@@ -44,6 +44,40 @@ def test_concept_loss_and_accuracy_by_hand():
     assert acc["exact"] == 0.75 and acc["count"] == 1.0
 
 
+def test_token_concept_targets_by_hand():
+    """A 32-px image, patch 16 (2 x 2 tokens): a red square across the top two patches (8 px in the
+    right one: exactly MIN_PIXELS), a blue circle in the bottom-left; red named with one shape,
+    blue with two (masked)."""
+    from unimm_jax.data import shapes
+
+    img = np.full((1, 32, 32, 3), 255, np.uint8)
+    img[0, 2:10, 4:17] = shapes.PALETTE["red"]  # 8 rows x (12 columns in token 0, 1 in token 1)
+    img[0, 20:28, 3:11] = shapes.PALETTE["blue"]
+    target, mask = vp.token_concept_targets(img, ["a red square above a blue circle"], 16)
+    red_sq, blue_ci = vp.CONCEPTS.index(("red", "square")), vp.CONCEPTS.index(("blue", "circle"))
+    assert target.shape == mask.shape == (1, 4, 18) and mask.all()
+    assert np.flatnonzero(target[0, 0]).tolist() == [red_sq]
+    assert np.flatnonzero(target[0, 1]).tolist() == [red_sq]  # 8 pixels: counts
+    assert np.flatnonzero(target[0, 2]).tolist() == [blue_ci]
+    assert target[0, 3].sum() == 0
+    img[0, 2:9, 16] = 255  # 7 red pixels left in token 1: below MIN_PIXELS
+    target, _ = vp.token_concept_targets(img, ["a red square above a blue circle"], 16)
+    assert target[0, 1].sum() == 0
+    # blue named with two shapes: which one a blue patch shows is unknown, so blue is masked
+    target, mask = vp.token_concept_targets(img, ["a blue circle and a blue square"], 16)
+    blue = [vp.CONCEPTS.index(("blue", s)) for s in shapes.SHAPES]
+    assert (mask[0][:, blue] == 0).all() and mask[0].sum() == 4 * 15 and target[0][:, blue].sum() == 0
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        vp.token_concept_targets(img, ["a red square"], 12)
+    # loss: masked BCE summed over concepts, mean over tokens
+    logits = np.random.default_rng(0).normal(size=(1, 4, 18)).astype(np.float32)
+    p = 1 / (1 + np.exp(-logits))
+    bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
+    np.testing.assert_allclose(float(vp.token_concept_loss(jnp.asarray(logits), target, mask)),
+                               (mask * bce).sum(-1).mean(), rtol=1e-5)
+    assert vp.token_concept_accuracy(np.where(target > 0, 3.0, -3.0), target, mask) == 1.0
+
+
 def _data(tmp_path, n_train=64):
     d = default_data_config()
     d.data_dir, d.num_train, d.num_test = str(tmp_path / "data"), n_train, 16
@@ -60,12 +94,12 @@ def _vision_cfg():
 def test_pretrain_vision_learns_writes_once_and_matches_janus_layout(tmp_path):
     d = _data(tmp_path)
     pre = vp.vision_pretrain_block(num_steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=5,
-                                   num_images=64, log_every=10)
+                                   num_images=64, log_every=10, token_weight=1.0)
     out = vp.pretrain_vision(_vision_cfg(), pre, d, tmp_path / "vision")
     rows = [json.loads(line) for line in open(tmp_path / "vision" / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
-    assert set(out["metrics"]) == {"concept", "exact", "count"}
+    assert set(out["metrics"]) == {"concept", "exact", "count", "token"}
     assert os.path.isfile(tmp_path / "vision" / vp.DONE_FILE)
     # the subtree is the Janus `vision` subtree: same paths and shapes
     from flax import linen as nn
@@ -89,6 +123,13 @@ def test_vision_stage_is_off_by_default_and_rejects_zero_steps(tmp_path):
     assert loop._vision_stage(c, str(tmp_path)) is None
     with pytest.raises(ValueError, match="num_steps must be > 0"):
         vp.pretrain_vision(_vision_cfg(), c.vision_pretrain, c.data, tmp_path / "v")
+
+
+def test_gen_embed_from_vq_is_the_unit_codebook_at_the_init_scale():
+    book = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32) * 0.01
+    out = loop.gen_embed_from_vq({"codebook": {"embedding": book}})["embedding"]
+    np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.sqrt(8), rtol=1e-5)
+    np.testing.assert_allclose(out / np.sqrt(8), book / np.linalg.norm(book, axis=-1, keepdims=True), rtol=1e-5)
 
 
 def test_with_pretrained_replaces_only_the_named_subtrees():

@@ -8,6 +8,13 @@ are read from each training image's caption (which names exactly the objects in 
     z = W @ mean_tokens(SigLIP(image)) + b                     [C + 3] logits
     loss = sum_c BCE(z_c, [caption names (colour, shape) pair c])      C = 6 colours x 3 shapes
            + CE(z[C:], number of objects - 1)                          one / two / three
+           + token_weight * mean_tokens sum_c mask * BCE(U @ token + u, [token shows concept c])
+
+The per-token term (`token_concept_targets`) makes every token say which objects it shows: a
+patch shows (colour, shape) when >= `MIN_PIXELS` of its pixels have that palette colour and the
+caption names that colour with that shape (a colour the caption gives two shapes is masked). A
+linear probe of the pooled tokens answers the eval's questions at 0.85 while the LLM reading the
+same tokens reached 0.71 (shape questions 0.46): pooled features are not what attention reads.
 
 Why: trained through the LLM alone, the from-scratch vision tower does not learn shapes within
 the CPU budget, and the LLM settles on the answer priors; with a pretrained tower the LLM learns
@@ -39,6 +46,7 @@ from unimm_jax.train.metrics import MetricsLogger
 PARAMS_DIR, DONE_FILE = "params", "DONE"
 CONCEPTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in shapes.COLORS for s in shapes.SHAPES)
 MAX_OBJECTS = 3
+MIN_PIXELS = 8  # object pixels that make a patch show the object (a 1-px sliver does not)
 
 
 def vision_pretrain_block(**overrides) -> ml_collections.ConfigDict:
@@ -49,6 +57,7 @@ def vision_pretrain_block(**overrides) -> ml_collections.ConfigDict:
         learning_rate=3e-3,
         warmup_steps=30,
         num_images=12000,  # train-split images held in memory (uint8) and sampled from
+        token_weight=0.0,  # weight of the per-token concept loss (0 = pooled concepts only)
         log_every=100,
     )
     cfg.update(overrides)
@@ -68,19 +77,53 @@ def concept_targets(captions) -> tuple[np.ndarray, np.ndarray]:
     return multi_hot, counts
 
 
-class ConceptProbe(nn.Module):
-    """SigLIP tower + a linear concept head on its mean-pooled tokens.
+def token_concept_targets(images, captions, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token concept targets: (float32 [n, N, C] multi-hot, float32 [n, N, C] mask).
 
-    images float32 [B, H, W, 3] in [-1, 1] -> logits float32 [B, C + 3] (C concept logits, then
-    the 3 count logits). Its `vision` subtree has the layout of the Janus `vision` params.
+    images: uint8 [n, S, S, 3] shapes-world renders (exact palette colours); N = (S / patch)^2
+    tokens in raster order, as SigLIP's patches. Token t shows concept (colour, shape) when
+    >= MIN_PIXELS pixels of its patch have that colour and the caption names that colour only
+    with that shape; a colour named with two shapes has its 3 concepts masked (0) in that image.
+    """
+    images = np.asarray(images)
+    n, size = images.shape[:2]
+    if size % patch_size:
+        raise ValueError(f"image size {size} is not a multiple of patch_size {patch_size}.")
+    g = size // patch_size
+    patches = images.reshape(n, g, patch_size, g, patch_size, 3).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, g * g, patch_size * patch_size, 3)
+    target = np.zeros((n, g * g, len(CONCEPTS)), np.float32)
+    mask = np.ones_like(target)
+    for i, caption in enumerate(captions):
+        shapes_of: dict[str, set] = {}
+        for color, shape in shapes.parse_prompt(caption).objects:
+            shapes_of.setdefault(color, set()).add(shape)
+        for color, named in shapes_of.items():
+            ci = shapes.COLORS.index(color) * len(shapes.SHAPES)
+            if len(named) > 1:
+                mask[i, :, ci:ci + len(shapes.SHAPES)] = 0.0
+                continue
+            shows = (patches[i] == np.asarray(shapes.PALETTE[color], np.uint8)).all(-1).sum(-1) >= MIN_PIXELS
+            target[i, shows, CONCEPTS.index((color, next(iter(named))))] = 1.0
+    return target, mask
+
+
+class ConceptProbe(nn.Module):
+    """SigLIP tower + a linear concept head on its mean-pooled tokens + a per-token one.
+
+    images float32 [B, H, W, 3] in [-1, 1] -> (logits float32 [B, C + 3] (C concept logits,
+    then the 3 count logits), token logits float32 [B, N, C]). Its `vision` subtree has the
+    layout of the Janus `vision` params.
     """
 
     vision_cfg: ml_collections.ConfigDict
 
     @nn.compact
     def __call__(self, images):
-        pooled = SigLIPEncoder(self.vision_cfg, name="vision")(images).mean(axis=1)
-        return nn.Dense(len(CONCEPTS) + MAX_OBJECTS, name="concept_head")(pooled).astype(jnp.float32)
+        tokens = SigLIPEncoder(self.vision_cfg, name="vision")(images)
+        pooled = nn.Dense(len(CONCEPTS) + MAX_OBJECTS, name="concept_head")(tokens.mean(axis=1))
+        per_token = nn.Dense(len(CONCEPTS), name="token_head")(tokens)
+        return pooled.astype(jnp.float32), per_token.astype(jnp.float32)
 
 
 def concept_loss(logits, multi_hot, counts) -> jax.Array:
@@ -89,6 +132,18 @@ def concept_loss(logits, multi_hot, counts) -> jax.Array:
     bce = optax.sigmoid_binary_cross_entropy(logits[:, :c], multi_hot).sum(-1)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, c:], counts)
     return jnp.mean(bce + ce)
+
+
+def token_concept_loss(token_logits, target, mask) -> jax.Array:
+    """Mean over images and tokens of the masked sum of per-concept sigmoid BCE: float32 scalar.
+    token_logits, target, mask: [B, N, C]."""
+    return jnp.mean(jnp.sum(mask * optax.sigmoid_binary_cross_entropy(token_logits, target), axis=-1))
+
+
+def token_concept_accuracy(token_logits, target, mask) -> float:
+    """Fraction of tokens [B, N] whose unmasked concepts [C] are all right."""
+    right = ((np.asarray(token_logits) > 0) == (np.asarray(target) > 0)) | (np.asarray(mask) == 0)
+    return float(right.all(-1).mean())
 
 
 def concept_accuracy(logits, multi_hot, counts) -> dict:
@@ -100,14 +155,16 @@ def concept_accuracy(logits, multi_hot, counts) -> dict:
             "count": float((logits[:, c:].argmax(1) == counts).mean())}
 
 
-def _load_split(data_cfg, split: str, n: int):
-    """(uint8 images [n, S, S, 3], multi-hot, counts) of the first n readable records of split."""
+def _load_split(data_cfg, split: str, n: int, patch_size: int):
+    """(uint8 images [n, S, S, 3], multi-hot, counts, token targets, token mask) of the first n
+    readable records of split."""
     from unimm_jax.data import pipeline
 
     records = pipeline.first_readable_records(data_cfg, split, n)
     if not records:
         raise ValueError(f"the {split!r} split of {data_cfg.data_dir!r} has no readable records.")
-    return (np.stack([r["image"] for r in records]), *concept_targets([r["caption"] for r in records]))
+    images, captions = np.stack([r["image"] for r in records]), [r["caption"] for r in records]
+    return (images, *concept_targets(captions), *token_concept_targets(images, captions, patch_size))
 
 
 def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) -> dict:
@@ -124,8 +181,9 @@ def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) ->
         return {"params": load_vision(out_dir), "metrics": {}}
     if pre_cfg.num_steps <= 0:
         raise ValueError("vision_pretrain.num_steps must be > 0 to pretrain the vision tower.")
-    images, multi_hot, counts = _load_split(data_cfg, "train", int(pre_cfg.num_images))
-    test = _load_split(data_cfg, "test", 500)
+    train = _load_split(data_cfg, "train", int(pre_cfg.num_images), int(vision_cfg.patch_size))
+    test = _load_split(data_cfg, "test", 500, int(vision_cfg.patch_size))
+    token_weight = float(pre_cfg.get("token_weight", 0.0))
     test_x = jnp.asarray(test[0], jnp.float32) / 127.5 - 1.0
 
     model = ConceptProbe(vision_cfg)
@@ -136,10 +194,17 @@ def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) ->
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b2=0.98, weight_decay=0.05))
     opt_state = tx.init(params)
 
+    def loss_fn(p, x, y, n, token_y, token_mask):
+        logits, token_logits = model.apply({"params": p}, x)
+        loss = concept_loss(logits, y, n)
+        if token_weight:
+            loss = loss + token_weight * token_concept_loss(token_logits, token_y, token_mask)
+        return loss
+
     @jax.jit
-    def step(params, opt_state, x, y, n):
+    def step(params, opt_state, x, *targets):
         x = x.astype(jnp.float32) / 127.5 - 1.0
-        loss, grads = jax.value_and_grad(lambda p: concept_loss(model.apply({"params": p}, x), y, n))(params)
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, *targets)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -149,8 +214,8 @@ def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) ->
     logger = MetricsLogger(out_dir, use_tensorboard=False) if jax.process_index() == 0 else None
     t0, losses = time.perf_counter(), []
     for i in range(1, int(pre_cfg.num_steps) + 1):
-        j = rng.integers(0, len(images), int(pre_cfg.batch_size))
-        params, opt_state, loss = step(params, opt_state, images[j], multi_hot[j], counts[j])
+        j = rng.integers(0, len(train[0]), int(pre_cfg.batch_size))
+        params, opt_state, loss = step(params, opt_state, *(a[j] for a in train))
         losses.append(float(loss))
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"vision pretraining loss is {losses[-1]} at step {i}; "
@@ -158,7 +223,10 @@ def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) ->
         if logger is not None and (i % int(pre_cfg.log_every) == 0 or i == pre_cfg.num_steps):
             logger.write(i, {"loss": float(np.mean(losses[-int(pre_cfg.log_every):])),
                              "lr": float(sched(i)), "seconds": time.perf_counter() - t0})
-    metrics = concept_accuracy(predict(params, test_x), test[1], test[2])
+    logits, token_logits = predict(params, test_x)
+    metrics = concept_accuracy(logits, test[1], test[2])
+    if token_weight:
+        metrics["token"] = token_concept_accuracy(token_logits, test[3], test[4])
     logging.info("vision pretraining: %d steps in %.0f s, test %s", pre_cfg.num_steps,
                  time.perf_counter() - t0, metrics)
     vision = jax.device_get(params["vision"])

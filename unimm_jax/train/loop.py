@@ -89,6 +89,9 @@ def train_block(**overrides) -> ml_collections.ConfigDict:
         # Per-task loss weights {understanding, text, generation}: the loss becomes the weighted
         # mean of per-task means (step.batch_loss). None: token-weighted mean, as Janus trains.
         task_weights=ml_collections.FieldReference(None, field_type=dict),
+        # Start gen_embed (the LLM's input table of VQ codes, [K, codebook_dim]) from the trained
+        # VQ's own code vectors (`gen_embed_from_vq`), so codes that look alike start alike.
+        gen_embed_from_vq=False,
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
@@ -528,6 +531,15 @@ def _with_pretrained(params, subtrees):
     return params
 
 
+def gen_embed_from_vq(vq_params) -> dict:
+    """The `gen_embed` params subtree {"embedding": float32 [K, d]} holding the VQ's L2-normalised
+    code vectors scaled by sqrt(d): the norm of gen_embed's N(0, 1) init, so the gen aligner
+    sees inputs of the scale it was initialised for."""
+    book = np.asarray(vq_params["codebook"]["embedding"], np.float32)
+    unit = book / np.maximum(np.linalg.norm(book, axis=-1, keepdims=True), 1e-12)
+    return {"embedding": unit * np.sqrt(book.shape[-1])}
+
+
 def _vq_encoder(model_cfg, vq_params):
     """numpy float32 [n, H, W, 3] -> numpy int32 codes [n, N] with the trained VQ (jitted)."""
     from unimm_jax.models.vq import VQModel
@@ -565,6 +577,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         return {"step": 0, "stopped_early": True, "stage": "tokenizer", "last": {}}
     encoder = _vq_encoder(config.model, vq_params)
     pretrained = {"vq": vq_params}
+    if config.train.get("gen_embed_from_vq", False):
+        pretrained["gen_embed"] = gen_embed_from_vq(vq_params)
     vision_params = _vision_stage(config, workdir)
     if vision_params is not None:
         pretrained["vision"] = vision_params

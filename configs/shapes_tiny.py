@@ -16,8 +16,9 @@ Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23):
   res blocks (~4x cheaper per step than 16 channels), lr 8e-3 for 1200 steps, object pixels
   weighted 4x (tokenizer.foreground_weight=3). Flat patches share one latent and codes inside
   another's cluster are restarted (constant_patch_weight, merge_distance): white takes one code
-  (0.26 nats at white patches, was 4.8 over ~250 codes of 512), at some cost in reconstruction
-  (held-out scenes score 0.52 with the GenEval-style scorer, 0.58 before).
+  (0.1-0.8 nats at white patches, was 4.8 over ~250 codes of 512), at some cost in
+  reconstruction: held-out scenes score 0.38-0.54 with the GenEval-style scorer depending on the
+  seed (0.38 for seed 0), 0.58-0.61 without the background terms.
 - SigLIP patch 16: 16 understanding tokens per image; pretrained 1200 steps of 128 images
   (~2.5 min) on pooled and per-token colour-shape concepts (token_weight): 0.69 of test images
   with all 18 concepts right, and the LLM's attention can read each token's objects.

@@ -45,6 +45,7 @@ from unimm_jax.api import logical_axes
 from unimm_jax.data.batch import FEATURES, TASKS
 from unimm_jax.models.janus import Janus
 from unimm_jax.models.janus_config import num_image_tokens, num_understanding_tokens, validate_janus_config
+from unimm_jax.models.vq import l2_normalize
 from unimm_jax.train import step as step_lib
 from unimm_jax.train.checkpoint import Checkpointer
 from unimm_jax.train.metrics import MetricsLogger
@@ -535,9 +536,8 @@ def gen_embed_from_vq(vq_params) -> dict:
     """The `gen_embed` params subtree {"embedding": float32 [K, d]} holding the VQ's L2-normalised
     code vectors scaled by sqrt(d): the norm of gen_embed's N(0, 1) init, so the gen aligner
     sees inputs of the scale it was initialised for."""
-    book = np.asarray(vq_params["codebook"]["embedding"], np.float32)
-    unit = book / np.maximum(np.linalg.norm(book, axis=-1, keepdims=True), 1e-12)
-    return {"embedding": unit * np.sqrt(book.shape[-1])}
+    unit = np.asarray(l2_normalize(jnp.asarray(vq_params["codebook"]["embedding"], jnp.float32)))
+    return {"embedding": unit * np.sqrt(unit.shape[-1])}
 
 
 def _vq_encoder(model_cfg, vq_params):

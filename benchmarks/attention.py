@@ -3,7 +3,8 @@
     python benchmarks/attention.py [--seqs 4096 8192] [--heads 16] [--kv-heads 16]
                                    [--head-dim 128] [--tokens 16384] [--iters 10]
 
-On a GPU: `pallas_gpu` vs jax.nn.dot_product_attention(implementation="xla" and "cudnn").
+On a GPU: `pallas_gpu` (on Hopper: the Mosaic GPU kernels) and `triton` (our Triton kernels
+alone) vs jax.nn.dot_product_attention(implementation="xla" and "cudnn").
 On a TPU: `pallas_tpu` vs implementation="xla". bfloat16, causal, forward and
 forward+backward; batch = tokens // seq. Prints TFLOP/s and side-by-side ratios.
 
@@ -17,8 +18,10 @@ Without an accelerator it says so and runs a tiny correctness check in interpret
 
 `--sweep` (GPU): times `pallas_gpu` over the tile / num_warps / num_stages variants in
 FWD_VARIANTS and BWD_VARIANTS (forward alone, and forward+backward with the default forward),
-to pick BlockSizes defaults. `--check` (GPU): compiled-kernel errors against the float32
-reference at a long sequence (bf16 and float32 inputs).
+to pick BlockSizes defaults; `--mosaic-sweep` (GPU): the same for the Mosaic GPU kernels
+(MOSAIC_VARIANTS, MOSAIC_BWD_VARIANTS). `--check` (GPU): compiled-kernel errors against the
+float32 reference (CHECK_CASES), with the Triton kernels and, where they apply, the Mosaic ones.
+Timing: the median of 5 rounds of `--iters` back-to-back calls, one sync per round.
 """
 from __future__ import annotations
 
@@ -37,24 +40,35 @@ from unimm_jax import kernels
 def attention_fns(backend: str):
   """name -> f(q, k, v) for the implementations to compare on this backend."""
   ours = "pallas_gpu" if backend == "gpu" else "pallas_tpu"
-  fns = {ours: lambda q, k, v: kernels.attention(q, k, v, causal=True, impl=ours),
-         "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                              implementation="xla")}
+  fns = {ours: lambda q, k, v: kernels.attention(q, k, v, causal=True, impl=ours)}
+  if backend == "gpu":  # the Triton kernels alone, to show what the Mosaic ones add
+    from unimm_jax.kernels import flash_gpu
+    fns["triton"] = lambda q, k, v: flash_gpu.flash_attention(
+        q, k, v, causal=True,
+        block_sizes=flash_gpu.BlockSizes(forward="triton", backward="triton"))
+  fns |= {
+      "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                           implementation="xla")}
   if backend == "gpu":
     fns["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                                 implementation="cudnn")
   return ours, fns
 
 
-def time_fn(fn, args, iters: int) -> float:
-  """Median wall time in seconds of a jitted call (after compile and warm-up)."""
+def time_fn(fn, args, iters: int, rounds: int = 5) -> float:
+  """Median over `rounds` of the mean wall time of `iters` back-to-back calls of a jitted
+  function (after compile and warm-up); one sync per round, so host dispatch overlaps the
+  device work and sub-millisecond kernels are timed without a sync each."""
   jax.block_until_ready(fn(*args))
   jax.block_until_ready(fn(*args))
   times = []
-  for _ in range(iters):
+  for _ in range(rounds):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
+    out = None
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / iters)
   return statistics.median(times)
 
 
@@ -153,33 +167,97 @@ def sweep(args):
             f"{r} TF/s", flush=True)
 
 
-def device_check(seq: int = 2048) -> bool:
+# (causal, Hq, Hkv, D, T, S, dtype, segments) cases for --check: the Mosaic forward takes
+# those without segments; the first is the long packed case the Triton kernels were checked on.
+CHECK_CASES = [(True, 8, 2, 128, 2048, 2048, "bfloat16", True),
+               (True, 8, 2, 128, 2048, 2048, "float32", True),
+               (True, 8, 2, 128, 2048, 2048, "bfloat16", False),
+               (False, 4, 4, 64, 1024, 1024, "float16", False),
+               (True, 4, 1, 128, 512, 1024, "bfloat16", False),
+               (False, 4, 2, 128, 256, 512, "bfloat16", False),
+               (True, 8, 2, 64, 1024, 1024, "bfloat16", False)]
+
+
+# (block_q, block_kv, stages) of the Mosaic GPU forward; the first is the default.
+MOSAIC_VARIANTS = [(64, 128, 2), (64, 64, 2), (64, 64, 3)]
+# MosaicBwdBlocks(block_q_dq, block_kv_dq, block_q_dkv, block_kv_dkv, stages); first: default.
+MOSAIC_BWD_VARIANTS = [(64, 64, 64, 64, 2), (64, 64, 64, 64, 3), (64, 128, 64, 64, 2),
+                       (64, 64, 128, 64, 2)]
+
+
+def mosaic_sweep(args):
+  """Forward TF/s of the Mosaic GPU kernel per MosaicBlocks variant (same FLOP rule)."""
+  from unimm_jax.kernels import flash_gpu, flash_mgpu, flash_mgpu_bwd
+
+  for seq in args.seqs:
+    q, k, v, do, fwd_flops = bench_inputs(args, seq, seed=2)
+    for bq, bk, st in MOSAIC_VARIANTS:
+      sizes = flash_gpu.BlockSizes(forward="mosaic", mosaic=flash_mgpu.MosaicBlocks(bq, bk, st))
+      f = jax.jit(lambda q, k, v, sizes=sizes: flash_gpu.flash_attention(
+          q, k, v, causal=True, block_sizes=sizes))
+      try:
+        r = f"{fwd_flops / time_fn(f, (q, k, v), args.iters) / 1e12:7.1f}"
+      except Exception as e:
+        r = f"failed ({type(e).__name__}: {str(e)[-300:]})"
+      print(f"  seq={seq} mosaic fwd bq={bq} bk={bk} stages={st}: {r} TF/s", flush=True)
+    for variant in MOSAIC_BWD_VARIANTS:
+      sizes = flash_gpu.BlockSizes(forward="mosaic", backward="mosaic",
+                                   mosaic_bwd=flash_mgpu_bwd.MosaicBwdBlocks(*variant))
+      f = lambda q, k, v, sizes=sizes: flash_gpu.flash_attention(q, k, v, causal=True,
+                                                                 block_sizes=sizes)
+      fn = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
+      try:
+        r = f"{3.5 * fwd_flops / time_fn(fn, (q, k, v, do), args.iters) / 1e12:7.1f}"
+      except Exception as e:
+        r = f"failed ({type(e).__name__}: {str(e)[-300:]})"
+      print(f"  seq={seq} mosaic fwd+bwd {variant}: {r} TF/s", flush=True)
+
+
+def device_check() -> bool:
   """Compiled pallas_gpu vs the float32 reference (run on upcast inputs): relative max error
-  of out, dq, dk, dv for bf16 and float32, causal GQA 8/2 heads, D=128, packed segments."""
+  of out, dq, dk, dv, with the Triton forward and (where it applies) the Mosaic one."""
+  from unimm_jax.kernels import flash_gpu, flash_mgpu, flash_mgpu_bwd
+
   ok = True
-  for dtype, tol in (("bfloat16", 2e-2), ("float32", 5e-3)):
-    rng = np.random.default_rng(0)
-    shapes = ((2, seq, 8, 128), (2, seq, 2, 128), (2, seq, 2, 128), (2, seq, 8, 128))
-    q, k, v, do = (jnp.asarray(rng.standard_normal(s, np.float32)).astype(dtype) for s in shapes)
-    seg = jnp.asarray(np.repeat([[1, 2, 3]], [seq // 2, seq // 4 + 3, seq // 4 - 3], axis=1)
-                      .repeat(2, 0).astype(np.int32))
+  for causal, hq, hkv, d, t, s_len, dtype, segmented in CHECK_CASES:
+    rng = np.random.default_rng(t + d)
+    shapes = ((2, t, hq, d), (2, s_len, hkv, d), (2, s_len, hkv, d), (2, t, hq, d))
+    q, k, v, do = (jnp.asarray(rng.standard_normal(x, np.float32)).astype(dtype) for x in shapes)
+    seg = (jnp.asarray(np.repeat([[1, 2, 3]], [t // 2, t // 4 + 3, t // 4 - 3], axis=1)
+                       .repeat(2, 0).astype(np.int32)) if segmented else None)
 
     def run(f, *xs):
       out, vjp = jax.vjp(f, *xs[:3])
       return (out, *vjp(xs[3]))
 
-    ours = jax.jit(lambda *xs: run(lambda q, k, v: kernels.attention(
-        q, k, v, causal=True, segment_ids=seg, impl="pallas_gpu"), *xs))(q, k, v, do)
     with jax.default_matmul_precision("highest"):
       ref = jax.jit(lambda *xs: run(lambda q, k, v: kernels.attention_reference(
-          q, k, v, causal=True, segment_ids=seg), *xs))(
+          q, k, v, causal=causal, segment_ids=seg), *xs))(
               *(x.astype(jnp.float32) for x in (q, k, v, do)))
-    errs = [float(jnp.abs(a.astype(jnp.float32) - r).max() / jnp.maximum(1.0, jnp.abs(r).max()))
-            for a, r in zip(ours, ref)]
-    good = max(errs) < tol and all(bool(jnp.isfinite(a).all()) for a in ours)
-    ok &= good
-    print(f"  check {dtype} T={seq} GQA 8/2 segments: rel max err out/dq/dk/dv "
-          + " ".join(f"{e:.1e}" for e in errs) + ("  ok" if good else "  FAIL"), flush=True)
+    kernels_used = ["triton"]
+    if (flash_mgpu.unsupported_reason(q, k, causal=causal, segment_ids=seg,
+                                      blocks=flash_mgpu.MosaicBlocks()) is None
+        and flash_mgpu_bwd.unsupported_reason(q, k, blocks=flash_mgpu_bwd.MosaicBwdBlocks())
+        is None):
+      kernels_used.append("mosaic")
+    for fwd in kernels_used:
+      sizes = flash_gpu.BlockSizes(forward=fwd, backward=fwd)
+      try:
+        ours = jax.jit(lambda *xs: run(lambda q, k, v: flash_gpu.flash_attention(
+            q, k, v, causal=causal, segment_ids=seg, block_sizes=sizes), *xs))(q, k, v, do)
+      except Exception as e:  # report and go on: the table below still runs
+        ok = False
+        print(f"  check {fwd} {dtype} causal={causal} T={t} S={s_len}: failed "
+              f"({type(e).__name__}: {str(e)[-1500:]})", flush=True)
+        continue
+      errs = [float(jnp.abs(a.astype(jnp.float32) - r).max()
+                    / jnp.maximum(1.0, jnp.abs(r).max())) for a, r in zip(ours, ref)]
+      tol = 5e-3 if dtype == "float32" else 2e-2
+      good = max(errs) < tol and all(bool(jnp.isfinite(a).all()) for a in ours)
+      ok &= good
+      print(f"  check {fwd:>6} {dtype} causal={causal} GQA {hq}/{hkv} D={d} T={t} S={s_len}"
+            f"{' segments' if segmented else ''}: rel max err out/dq/dk/dv "
+            + " ".join(f"{e:.1e}" for e in errs) + ("  ok" if good else "  FAIL"), flush=True)
   return ok
 
 
@@ -218,6 +296,8 @@ def main(argv=None):
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--sweep", action="store_true", help="GPU: time BlockSizes variants")
   p.add_argument("--check", action="store_true", help="GPU: compiled kernel vs reference")
+  p.add_argument("--mosaic-sweep", action="store_true",
+                 help="GPU: time the Mosaic forward's MosaicBlocks variants")
   p.add_argument("--no-bench", action="store_true", help="skip the side-by-side table")
   args = p.parse_args(argv)
   backend = jax.default_backend()
@@ -227,6 +307,8 @@ def main(argv=None):
       ok = device_check()
     if args.sweep and backend == "gpu":
       sweep(args)
+    if args.mosaic_sweep and backend == "gpu":
+      mosaic_sweep(args)
     if not args.no_bench:
       bench(args, backend)
     return 0 if ok else 1

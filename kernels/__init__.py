@@ -12,7 +12,10 @@ q [B, T, Hq, D], k/v [B, S, Hkv, D] (grouped-query when Hkv < Hq), segment_ids i
   masking.py     the mask rule (causal, padding, segments) and causal block arithmetic
   tiling.py      padding to block multiples
   flash_tpu.py   Pallas TPU (Mosaic) flash attention, forward + backward
-  flash_gpu.py   Pallas GPU (Triton) flash attention, forward + backward
+  flash_gpu.py   Pallas GPU (Triton) flash attention, forward + backward; picks the two below
+                 on Hopper when they take the inputs
+  flash_mgpu.py      Pallas Mosaic GPU forward for Hopper (warp-specialised, wgmma + TMA)
+  flash_mgpu_bwd.py  Pallas Mosaic GPU backward for Hopper (dq and dk/dv kernels)
   sharded.py     `sharded_attention`: the kernel under shard_map (batch x heads)
 """
 from .dispatch import attention

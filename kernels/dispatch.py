@@ -15,7 +15,8 @@ def attention(q, k, v, *, causal, segment_ids=None, impl="xla", interpret=False,
     causal: query i attends key j only if j <= i + (S - T) (bottom-right aligned).
     segment_ids: optional int32 [B, T] (self-attention, S == T): query i attends key j
       only if segment_ids[i] == segment_ids[j] (packed sequences; padding is a segment).
-    impl: "pallas_tpu" (Mosaic kernels), "pallas_gpu" (Triton kernels) or "xla"
+    impl: "pallas_tpu" (Mosaic kernels), "pallas_gpu" (Triton kernels; on Hopper the Mosaic
+      GPU ones where they apply, see flash_gpu.BlockSizes) or "xla"
       (the pure-jnp float32 reference; O(T*S) memory).
     interpret: run a Pallas impl in the interpreter (CPU tests); ignored for "xla".
     scale: softmax scale, default 1/sqrt(D).

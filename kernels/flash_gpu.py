@@ -28,6 +28,11 @@ Matmul operands stay in the input dtype (bf16 MMAs) with float32 accumulation; f
 inputs use the GPU's default dot precision (TF32 on Ampere/Hopper, ~1e-3 relative).
 
 On CPU pass `interpret=True` (Pallas' generic interpreter runs the same kernels).
+
+On Hopper GPUs `flash_attention` hands 16-bit inputs with head dim 64/128 and 128-multiple
+lengths to the warp-specialised Mosaic GPU kernels (flash_mgpu.py, flash_mgpu_bwd.py), which
+overlap softmax with the tensor cores where Triton's schedule cannot; `BlockSizes.forward` /
+`.backward` override the choice per pass.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from . import masking
+from . import flash_mgpu, flash_mgpu_bwd, masking
 from .masking import MASK_VALUE
 from .tiling import next_pow2, pad_axis, round_up
 
@@ -61,6 +66,12 @@ class BlockSizes:
   head dim (forward: 8 warps, 3 stages for head dim 128; backward: 4 warps, 2 stages).
   Defaults were tuned on an H100 for bf16 causal attention with head dim 128
   (`python benchmarks/attention.py --sweep`; results in benchmarks/RESULTS.md).
+
+  `forward` / `backward`: which kernels run each pass. "auto": the warp-specialised Mosaic
+  GPU kernels (flash_mgpu.py, flash_mgpu_bwd.py) on Hopper when they take the inputs (see
+  their `unsupported_reason`), else the Triton ones here; "triton"; "mosaic" (an error when
+  they cannot run). `mosaic` / `mosaic_bwd` hold those kernels' tiles. The two passes
+  share the lse convention, so any pairing works.
   """
   block_q: int = 128
   block_kv: int = 64
@@ -74,6 +85,10 @@ class BlockSizes:
   dq_stages: int | None = None
   dkv_warps: int | None = None
   dkv_stages: int | None = None
+  forward: str = "auto"
+  backward: str = "auto"
+  mosaic: flash_mgpu.MosaicBlocks = flash_mgpu.MosaicBlocks()
+  mosaic_bwd: flash_mgpu_bwd.MosaicBwdBlocks = flash_mgpu_bwd.MosaicBwdBlocks()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +102,8 @@ class _Cfg:
   segmented: bool
   blocks: BlockSizes  # already clipped to the (padded) sequence lengths
   interpret: bool
+  mosaic_forward: bool  # forward by flash_mgpu (Hopper) instead of the kernel here
+  mosaic_backward: bool  # backward by flash_mgpu_bwd (Hopper) instead of the kernels here
 
   @property
   def qk_scale(self) -> float:  # logits in base-2 units: exp(x * scale) = exp2(x * qk_scale)
@@ -300,6 +317,10 @@ def _params(cfg: _Cfg, warps: int | None, stages: int | None, default_warps: int
 
 def _forward(q, k, v, seg, cfg: _Cfg, save_lse: bool):
   """q [B,Tp,Hq,Dp], k/v [B,Sp,Hkv,Dp] -> o (and base-2 lse [B,Hq,Tp] f32)."""
+  if cfg.mosaic_forward:
+    o, lse = flash_mgpu.flash_forward(q, k, v, causal=cfg.causal, scale=cfg.scale,
+                                      segment_ids=seg, blocks=cfg.blocks.mosaic)
+    return o, lse if save_lse else None
   b, tp, hq, d = q.shape
   sp = k.shape[1]
   bq, grp = cfg.blocks.block_q, cfg.group
@@ -398,7 +419,12 @@ def _flash_fwd(q, k, v, seg, cfg: _Cfg):
 
 def _flash_bwd(cfg: _Cfg, res, do):
   q, k, v, seg, o, lse = res
-  dq, dk, dv = _backward(q, k, v, seg, o, lse, do, cfg)
+  if cfg.mosaic_backward:
+    dq, dk, dv = flash_mgpu_bwd.flash_backward(q, k, v, o, lse, do, causal=cfg.causal,
+                                               scale=cfg.scale, segment_ids=seg,
+                                               blocks=cfg.blocks.mosaic_bwd)
+  else:
+    dq, dk, dv = _backward(q, k, v, seg, o, lse, do, cfg)
   return dq, dk, dv, None
 
 
@@ -410,6 +436,33 @@ def _clip(block: int, length: int) -> int:
     raise ValueError(f"GPU flash attention block sizes must be powers of two >= {_MIN_BLOCK}; "
                      f"got {block}.")
   return min(block, max(next_pow2(length), _MIN_BLOCK))
+
+
+_CHOICES = ("auto", "triton", "mosaic")
+
+
+def _use_mosaic(which: str, q, k, causal, segment_ids, blocks: BlockSizes, interpret: bool,
+                padded: bool) -> bool:
+  """Whether pass `which` ("forward" / "backward") runs the Mosaic GPU kernels."""
+  choice = getattr(blocks, which)
+  if choice not in _CHOICES:
+    raise ValueError(f"BlockSizes.{which} must be one of {_CHOICES}, got {choice!r}.")
+  if choice == "triton":
+    return False
+  reason = flash_mgpu.unsupported_reason(q, k, causal=causal, segment_ids=segment_ids,
+                                         blocks=blocks.mosaic)
+  if reason is None and which == "backward":
+    reason = flash_mgpu_bwd.unsupported_reason(q, k, blocks=blocks.mosaic_bwd)
+  if reason is None and padded:
+    reason = "lengths not multiples of the Triton kernels' tiles"
+  if reason is None and interpret:
+    reason = "interpret mode (the Mosaic GPU kernels run compiled only)"
+  if reason is None and not flash_mgpu.is_hopper():
+    reason = "the default device is not a compute capability 9.x GPU"
+  if choice == "mosaic" and reason is not None:
+    raise ValueError(f"BlockSizes.{which}='mosaic' cannot run these inputs: {reason}. "
+                     f"Use {which}='auto' to fall back to the Triton kernels.")
+  return reason is None
 
 
 def flash_attention(q, k, v, *, causal: bool, segment_ids=None, scale=None,
@@ -437,9 +490,14 @@ def flash_attention(q, k, v, *, causal: bool, segment_ids=None, scale=None,
   tp = round_up(t, max(blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv))
   sp = round_up(s, max(blocks.block_kv, blocks.block_kv_dq, blocks.block_kv_dkv))
   dp = max(next_pow2(d), _MIN_BLOCK)
+  padded = (tp, sp, dp) != (t, s, d)
+  mosaic_forward, mosaic_backward = (
+      _use_mosaic(which, q, k, causal, segment_ids, req, interpret, padded)
+      for which in ("forward", "backward"))
   cfg = _Cfg(causal=bool(causal), scale=float(1.0 / math.sqrt(d) if scale is None else scale),
              offset=s - t, kv_len=s, kv_padded=sp != s, group=hq // hkv,
-             segmented=segment_ids is not None, blocks=blocks, interpret=bool(interpret))
+             segmented=segment_ids is not None, blocks=blocks, interpret=bool(interpret),
+             mosaic_forward=mosaic_forward, mosaic_backward=mosaic_backward)
   pad = lambda x, n: pad_axis(pad_axis(x, 1, n), 3, dp)
   seg = (None if segment_ids is None
          else pad_axis(segment_ids.astype(jnp.int32), 1, max(tp, sp), -1))

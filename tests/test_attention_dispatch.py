@@ -93,3 +93,51 @@ def test_pallas_under_a_sharded_mesh_equals_single_device(setup):
         out = jax.jit(lambda p: forward(cfg, p, ids, seg, pos))(placed)
     real = np.asarray(seg) > 0
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5)
+
+
+ON_HOPPER_GPU = False
+try:  # only with UNIMM_KERNEL_TESTS_ON_GPU=1 (JAX_PLATFORMS=cuda,cpu) on a Hopper GPU
+    import os
+
+    from unimm_jax.kernels import flash_mgpu
+
+    ON_HOPPER_GPU = os.environ.get("UNIMM_KERNEL_TESTS_ON_GPU") == "1" and flash_mgpu.is_hopper()
+except Exception:  # noqa: BLE001 - no GPU backend: the test below is skipped
+    pass
+
+
+@pytest.mark.skipif(not ON_HOPPER_GPU, reason="needs UNIMM_KERNEL_TESTS_ON_GPU=1 on a Hopper GPU")
+def test_llm_with_mosaic_gpu_kernels_equals_xla_on_hopper():
+    """bf16 LLM, head dim 64, 256 packed tokens: `pallas` runs the Mosaic GPU kernels there."""
+    rng = np.random.default_rng(1)
+    b, t = 2, 256
+    ids = jnp.asarray(rng.integers(0, 512, (b, t)), jnp.int32)
+    seg = np.ones((b, t), np.int32)
+    seg[0, 100:] = 2
+    seg[1, 200:] = 0  # padding at the end, as the packer leaves it
+    pos = np.concatenate([np.r_[np.arange(100), np.arange(156)][None], np.arange(t)[None]])
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos, jnp.int32)
+
+    def cfg(impl):
+        c = llm_cfg(impl)
+        c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim = 256, 4, 2, 64
+        c.dtype = "bfloat16"
+        return c
+
+    params = nn.unbox(LLM(cfg("xla")).init(jax.random.key(0), ids, method=LLM.init_all))["params"]
+    lowered = jax.jit(lambda p: forward(cfg("pallas"), p, ids, seg, pos)).lower(params).as_text()
+    assert "mosaic_gpu" in lowered  # the Hopper kernels, not the Triton fallback
+    real = np.asarray(seg) > 0
+    ref = np.asarray(forward(cfg("xla"), params, ids, seg, pos), np.float32)
+    out = np.asarray(forward(cfg("pallas"), params, ids, seg, pos), np.float32)
+    scale = np.abs(ref[real]).max()
+    assert np.abs(out[real] - ref[real]).max() < 2e-2 * max(scale, 1.0)
+
+    def loss(c):
+        return lambda p: jnp.sum(jnp.where(seg[..., None] > 0, forward(c, p, ids, seg, pos), 0.0) ** 2) * 1e-3
+
+    g_ref = jax.grad(loss(cfg("xla")))(params)
+    g_out = jax.grad(loss(cfg("pallas")))(params)
+    for a, g in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_out)):
+        a, g = np.asarray(a, np.float32), np.asarray(g, np.float32)
+        assert np.abs(g - a).max() <= 3e-2 * max(np.abs(a).max(), 1e-3)

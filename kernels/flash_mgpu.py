@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-_LOG2E = math.log2(math.e)
+LOG2E = math.log2(math.e)
 COMPUTE_WGS = 2  # compute warpgroups per CTA; a third one feeds them
 # Registers per thread: the compute warpgroups take what the memory one gives up
 # (2 x 128 x 232 + 128 x 40 fits the 64K-register file of one Hopper SM).
@@ -155,7 +155,7 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, segment_ids=None,
   stages = min(blocks.stages, num_kv)
   num_q_tiles = t // (COMPUTE_WGS * bq)
   offset = s - t
-  qk_scale = scale * _LOG2E
+  qk_scale = scale * LOG2E
   dtype = q.dtype
   segmented = segment_ids is not None
 

@@ -15,9 +15,10 @@ forward kernel's: the convention is shared) and delta = rowsum(dO * O).
           dK += dS^T Q.
 Packed sequences: with segment ids (S == T) every visited tile is masked by segment too.
 Causal: the dq warpgroups stop at their last visible kv tile; the dk/dv ones start at their
-first visible q tile. A warpgroup with less work than its CTA-mate still waits for and frees
-the ring slots it skips (barrier phases are counted per thread), so both stay in step with
-the memory warpgroup. Only tiles that cross the diagonal build a mask.
+first visible q tile. A warpgroup with less work than its CTA-mate still frees the ring
+slots it skips, and waits for them first when it reads later slots (dk/dv: barrier phases are
+counted per thread), so both stay in step with the memory warpgroup. Without segments only
+the tiles that cross the diagonal build a mask.
 
 Takes what `unsupported_reason` allows (the forward's conditions plus the tiles here).
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .flash_mgpu import (COMPUTE_REGISTERS, COMPUTE_WGS, MEMORY_REGISTERS, TILED, cdiv, launch,
-                         masked_logits, same_segment, stream_kv_tiles, wgmma_iota)
-
-_LOG2E = math.log2(math.e)
+from .flash_mgpu import (COMPUTE_REGISTERS, COMPUTE_WGS, LOG2E, MEMORY_REGISTERS, TILED, cdiv,
+                         launch, masked_logits, same_segment, stream_kv_tiles, wgmma_iota)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +84,7 @@ def _dq(q, k, v, do, lse, delta, seg, *, causal, scale, blocks: MosaicBwdBlocks)
   stages = min(blocks.stages, num_kv)
   num_q_tiles = t // (COMPUTE_WGS * bq)
   offset = s - t
-  qk_scale = scale * _LOG2E
+  qk_scale = scale * LOG2E
   dtype = q.dtype
 
   def visible_steps(first_row):
@@ -217,7 +215,7 @@ def _dkv(q, k, v, do, lse, delta, seg, *, causal, scale, blocks: MosaicBwdBlocks
   num_q = t // bq
   num_kv_tiles = s // (COMPUTE_WGS * bk)
   offset = s - t
-  qk_scale = scale * _LOG2E
+  qk_scale = scale * LOG2E
   dtype = q.dtype
   stages = min(blocks.stages, num_q)
 

@@ -26,6 +26,7 @@ Timing: the median of 5 rounds of `--iters` back-to-back calls, one sync per rou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -130,45 +131,48 @@ BWD_VARIANTS = [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 64, 8, 2), (64, 64, 8, 2
                 ((128, 64, 8, 3), (64, 128, 8, 3)), ((128, 32, 4, 3), (32, 128, 4, 3))]
 
 
+def variant_rate(sizes, inputs, iters: int, backward: bool) -> str:
+  """TF/s of flash_gpu with BlockSizes `sizes` on `inputs` = bench_inputs(...), forward or
+  forward+backward (same FLOP rule as `bench`), formatted; or why it failed (e.g. a tile
+  that exceeds shared memory), so a sweep goes on."""
+  from unimm_jax.kernels import flash_gpu
+
+  q, k, v, do, fwd_flops = inputs
+  f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, causal=True, block_sizes=sizes)
+  try:
+    if backward:
+      fn = jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
+      return f"{3.5 * fwd_flops / time_fn(fn, (q, k, v, do), iters) / 1e12:7.1f}"
+    return f"{fwd_flops / time_fn(jax.jit(f), (q, k, v), iters) / 1e12:7.1f}"
+  except Exception as e:
+    return f"failed ({type(e).__name__}: {str(e)[-300:]})"
+
+
 def sweep(args):
-  """Times pallas_gpu per BlockSizes variant; prints TF/s (same FLOP rule as `bench`)."""
+  """Times the Triton kernels per BlockSizes variant; prints TF/s."""
   from unimm_jax.kernels import flash_gpu
 
   print(f"device: {jax.devices()[0].device_kind}; sweep, bfloat16 causal Hq={args.heads} "
         f"Hkv={args.kv_heads} D={args.head_dim}")
-  base = flash_gpu.BlockSizes()
+  # Pinned to Triton: on Hopper "auto" would hand these shapes to the Mosaic kernels.
+  base = flash_gpu.BlockSizes(forward="triton", backward="triton")
   for seq in args.seqs:
-    q, k, v, do, fwd_flops = bench_inputs(args, seq, seed=1)
-
-    def rate(sizes, backward):
-      f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, causal=True, block_sizes=sizes)
-      if backward:
-        fn = jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
-        return 3.5 * fwd_flops / time_fn(fn, (q, k, v, do), args.iters) / 1e12
-      return fwd_flops / time_fn(jax.jit(f), (q, k, v), args.iters) / 1e12
-
+    inputs = bench_inputs(args, seq, seed=1)
     for bq, bk, w, st in FWD_VARIANTS:
-      sizes = flash_gpu.BlockSizes(**{**base.__dict__, "block_q": bq, "block_kv": bk,
-                                      "fwd_warps": w, "fwd_stages": st})
-      try:
-        r = f"{rate(sizes, False):7.1f}"
-      except Exception as e:
-        r = f"failed ({type(e).__name__}: {str(e)[:100]})"
+      sizes = dataclasses.replace(base, block_q=bq, block_kv=bk, fwd_warps=w, fwd_stages=st)
+      r = variant_rate(sizes, inputs, args.iters, backward=False)
       print(f"  seq={seq} fwd  bq={bq:<3} bk={bk:<3} warps={w} stages={st}: {r} TF/s", flush=True)
     for (bq1, bk1, w1, st1), (bq2, bk2, w2, st2) in BWD_VARIANTS:
-      sizes = flash_gpu.BlockSizes(**{**base.__dict__, "block_q_dq": bq1, "block_kv_dq": bk1,
-                                      "dq_warps": w1, "dq_stages": st1, "block_q_dkv": bq2,
-                                      "block_kv_dkv": bk2, "dkv_warps": w2, "dkv_stages": st2})
-      try:
-        r = f"{rate(sizes, True):7.1f}"
-      except Exception as e:
-        r = f"failed ({type(e).__name__}: {str(e)[:100]})"
+      sizes = dataclasses.replace(base, block_q_dq=bq1, block_kv_dq=bk1, dq_warps=w1,
+                                  dq_stages=st1, block_q_dkv=bq2, block_kv_dkv=bk2,
+                                  dkv_warps=w2, dkv_stages=st2)
+      r = variant_rate(sizes, inputs, args.iters, backward=True)
       print(f"  seq={seq} fwd+bwd dq=({bq1},{bk1},w{w1},s{st1}) dkv=({bq2},{bk2},w{w2},s{st2}): "
             f"{r} TF/s", flush=True)
 
 
-# (causal, Hq, Hkv, D, T, S, dtype, segments) cases for --check: the Mosaic forward takes
-# those without segments; the first is the long packed case the Triton kernels were checked on.
+# (causal, Hq, Hkv, D, T, S, dtype, segments) cases for --check: the Mosaic kernels take all
+# but float32; the first is the long packed case the Triton kernels were checked on.
 CHECK_CASES = [(True, 8, 2, 128, 2048, 2048, "bfloat16", True),
                (True, 8, 2, 128, 2048, 2048, "float32", True),
                (True, 8, 2, 128, 2048, 2048, "bfloat16", False),
@@ -186,30 +190,20 @@ MOSAIC_BWD_VARIANTS = [(64, 64, 64, 64, 2), (64, 64, 64, 64, 3), (64, 128, 64, 6
 
 
 def mosaic_sweep(args):
-  """Forward TF/s of the Mosaic GPU kernel per MosaicBlocks variant (same FLOP rule)."""
+  """TF/s of the Mosaic GPU kernels per MosaicBlocks (forward) and MosaicBwdBlocks
+  (forward+backward) variant."""
   from unimm_jax.kernels import flash_gpu, flash_mgpu, flash_mgpu_bwd
 
   for seq in args.seqs:
-    q, k, v, do, fwd_flops = bench_inputs(args, seq, seed=2)
+    inputs = bench_inputs(args, seq, seed=2)
     for bq, bk, st in MOSAIC_VARIANTS:
       sizes = flash_gpu.BlockSizes(forward="mosaic", mosaic=flash_mgpu.MosaicBlocks(bq, bk, st))
-      f = jax.jit(lambda q, k, v, sizes=sizes: flash_gpu.flash_attention(
-          q, k, v, causal=True, block_sizes=sizes))
-      try:
-        r = f"{fwd_flops / time_fn(f, (q, k, v), args.iters) / 1e12:7.1f}"
-      except Exception as e:
-        r = f"failed ({type(e).__name__}: {str(e)[-300:]})"
+      r = variant_rate(sizes, inputs, args.iters, backward=False)
       print(f"  seq={seq} mosaic fwd bq={bq} bk={bk} stages={st}: {r} TF/s", flush=True)
     for variant in MOSAIC_BWD_VARIANTS:
       sizes = flash_gpu.BlockSizes(forward="mosaic", backward="mosaic",
                                    mosaic_bwd=flash_mgpu_bwd.MosaicBwdBlocks(*variant))
-      f = lambda q, k, v, sizes=sizes: flash_gpu.flash_attention(q, k, v, causal=True,
-                                                                 block_sizes=sizes)
-      fn = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
-      try:
-        r = f"{3.5 * fwd_flops / time_fn(fn, (q, k, v, do), args.iters) / 1e12:7.1f}"
-      except Exception as e:
-        r = f"failed ({type(e).__name__}: {str(e)[-300:]})"
+      r = variant_rate(sizes, inputs, args.iters, backward=True)
       print(f"  seq={seq} mosaic fwd+bwd {variant}: {r} TF/s", flush=True)
 
 

@@ -141,6 +141,61 @@ def cdiv(x, n: int):
   return lax.div(x + (n - 1), jnp.int32(n))
 
 
+@dataclasses.dataclass(frozen=True)
+class QueryTiles:
+  """The tiling of the kernels whose CTAs hold query rows (forward, dq): CTA i of axis
+  "q_tile" holds COMPUTE_WGS * block_q rows, warpgroup w the block_q of them from `first_row`,
+  and each visits kv tiles [0, steps) of block_kv keys, masking [unmasked, steps)."""
+  causal: bool
+  segmented: bool
+  block_q: int
+  block_kv: int
+  num_q_tiles: int
+  num_kv: int
+  offset: int  # S - T
+
+  @classmethod
+  def of(cls, q, k, *, causal: bool, segmented: bool, block_q: int, block_kv: int):
+    t, s = q.shape[1], k.shape[1]
+    return cls(causal, segmented, block_q, block_kv, t // (COMPUTE_WGS * block_q),
+               s // block_kv, s - t)
+
+  def tile(self):
+    """This CTA's q tile; causal ones run the last (heaviest) first, so short ones fill the tail."""
+    tile = lax.axis_index("q_tile")
+    return self.num_q_tiles - 1 - tile if self.causal else tile
+
+  def first_row(self, tile, wg):
+    return tile * (COMPUTE_WGS * self.block_q) + wg * self.block_q
+
+  def steps(self, first_row):
+    """kv tiles the warpgroup from `first_row` visits: up to its last visible one (causal)."""
+    if not self.causal:
+      return self.num_kv
+    return jnp.minimum(cdiv(first_row + self.block_q + self.offset, self.block_kv), self.num_kv)
+
+  def cta_steps(self, tile):
+    """kv tiles the CTA streams: those of its last warpgroup."""
+    return self.steps(self.first_row(tile, COMPUTE_WGS - 1))
+
+  def segment_scratch(self, stages: int) -> dict:
+    """Shared memory and barriers for segment ids: each warpgroup's rows' (seg_smem2,
+    seg_ready) and the streamed kv tiles' (kvseg_smem, kvseg_ready, `stages` slots)."""
+    return dict(seg_smem2=plgpu.SMEM((COMPUTE_WGS, self.block_q), jnp.int32),
+                kvseg_smem=plgpu.SMEM((stages, self.block_kv), jnp.int32),
+                seg_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
+                kvseg_ready=plgpu.Barrier(num_barriers=stages))
+
+  def unmasked(self, first_row, steps):
+    """kv tiles [0, result) need no mask: fully left of the causal diagonal (with segments,
+    any tile can hide keys, so none)."""
+    if self.segmented:
+      return 0
+    if not self.causal:
+      return self.num_kv
+    return jnp.clip(lax.div(first_row + self.offset + 1, jnp.int32(self.block_kv)), 0, steps)
+
+
 def flash_forward(q, k, v, *, causal: bool, scale: float, segment_ids=None,
                   blocks: MosaicBlocks = MosaicBlocks()):
   """o [B, T, Hq, D] (q's dtype) and lse [B, Hq, T] (float32, base 2); segment_ids: optional
@@ -148,32 +203,22 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, segment_ids=None,
   `unsupported_reason`. Compiled only: jax 0.10's Mosaic GPU interpreter has no run_state,
   layout casts or transposed wgmma operands, so this kernel is checked on a Hopper GPU."""
   b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  group = hq // hkv
+  group = hq // k.shape[2]
   bq, bk = blocks.block_q, blocks.block_kv
-  num_kv = s // bk
-  stages = min(blocks.stages, num_kv)
-  num_q_tiles = t // (COMPUTE_WGS * bq)
-  offset = s - t
+  segmented = segment_ids is not None
+  tiles = QueryTiles.of(q, k, causal=causal, segmented=segmented, block_q=bq, block_kv=bk)
+  stages = min(blocks.stages, tiles.num_kv)
+  offset = tiles.offset
   qk_scale = scale * LOG2E
   dtype = q.dtype
-  segmented = segment_ids is not None
-
-  def visible_steps(first_row):
-    """kv tiles a warpgroup whose last row is first_row + bq - 1 must visit (causal)."""
-    return jnp.minimum(cdiv(first_row + bq + offset, bk), num_kv)
 
   def kernel(*refs, q_smem2, k_smem, v_smem, lse_smem2, k_ready, v_ready, q_ready, k_free,
              v_free, turn, seg_smem2=None, kvseg_smem=None, seg_ready=None, kvseg_ready=None):
     q_ref, k_ref, v_ref, *seg_ref, o_ref, lse_ref = refs
     seg_ref = seg_ref[0] if segmented else None
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    # Causal: the last (heaviest) q tiles first, so the short ones fill the tail.
-    tile = lax.axis_index("q_tile")
-    if causal:
-      tile = num_q_tiles - 1 - tile
-    wg = lax.axis_index("wg")
-    cta_steps = visible_steps(tile * (COMPUTE_WGS * bq) + bq) if causal else num_kv
+    tile, wg = tiles.tile(), lax.axis_index("wg")
+    cta_steps = tiles.cta_steps(tile)
 
     def pass_turn():
       plgpu.barrier_arrive(turn)
@@ -183,7 +228,7 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, segment_ids=None,
     def _compute():
       plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
       q_smem = q_smem2.at[wg]
-      first_row = tile * (COMPUTE_WGS * bq) + wg * bq
+      first_row = tiles.first_row(tile, wg)
       rows = pl.ds(first_row, bq)
       plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_ready.at[wg])
       if segmented:
@@ -191,15 +236,8 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, segment_ids=None,
         plgpu.barrier_wait(seg_ready.at[wg])
         row_seg = plgpu.load(seg_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
       plgpu.barrier_wait(q_ready.at[wg])
-      steps = visible_steps(first_row) if causal else num_kv
-      # kv tiles [0, unmasked) lie fully left of this warpgroup's causal diagonal (and need
-      # no mask unless segments can hide keys anywhere).
-      if segmented:
-        unmasked = 0
-      elif causal:
-        unmasked = jnp.clip(lax.div(first_row + offset + 1, jnp.int32(bk)), 0, steps)
-      else:
-        unmasked = num_kv
+      steps = tiles.steps(first_row)
+      unmasked = tiles.unmasked(first_row, steps)
 
       m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -306,11 +344,8 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, segment_ids=None,
   )
   inputs = (q, k, v)
   if segmented:
-    scratch.update(seg_smem2=plgpu.SMEM((COMPUTE_WGS, bq), jnp.int32),
-                   kvseg_smem=plgpu.SMEM((stages, bk), jnp.int32),
-                   seg_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
-                   kvseg_ready=plgpu.Barrier(num_barriers=stages))
+    scratch.update(tiles.segment_scratch(stages))
     inputs += (segment_ids.astype(jnp.int32),)
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.float32))
   return launch(kernel, *inputs, out_type=out_type, scratch=scratch,
-                grid=(hq, num_q_tiles, b), grid_names=("heads", "q_tile", "batch"))
+                grid=(hq, tiles.num_q_tiles, b), grid_names=("heads", "q_tile", "batch"))

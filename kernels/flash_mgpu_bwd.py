@@ -33,8 +33,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .flash_mgpu import (COMPUTE_REGISTERS, COMPUTE_WGS, LOG2E, MEMORY_REGISTERS, TILED, cdiv,
-                         launch, masked_logits, same_segment, stream_kv_tiles, wgmma_iota)
+from .flash_mgpu import (COMPUTE_REGISTERS, COMPUTE_WGS, LOG2E, MEMORY_REGISTERS, TILED,
+                         QueryTiles, cdiv, launch, masked_logits, same_segment,
+                         stream_kv_tiles, wgmma_iota)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,20 +78,14 @@ def _zeros(shape):
 
 def _dq(q, k, v, do, lse, delta, seg, *, causal, scale, blocks: MosaicBwdBlocks):
   b, t, hq, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  group = hq // hkv
+  group = hq // k.shape[2]
   bq, bk = blocks.block_q_dq, blocks.block_kv_dq
-  num_kv = s // bk
-  stages = min(blocks.stages, num_kv)
-  num_q_tiles = t // (COMPUTE_WGS * bq)
-  offset = s - t
+  segmented = seg is not None
+  tiles = QueryTiles.of(q, k, causal=causal, segmented=segmented, block_q=bq, block_kv=bk)
+  stages = min(blocks.stages, tiles.num_kv)
+  offset = tiles.offset
   qk_scale = scale * LOG2E
   dtype = q.dtype
-
-  def visible_steps(first_row):
-    return jnp.minimum(cdiv(first_row + bq + offset, bk), num_kv)
-
-  segmented = seg is not None
 
   def kernel(*refs, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem, q_ready,
              do_ready, lse_ready, delta_ready, k_ready, v_ready, kv_free, seg_smem2=None,
@@ -98,18 +93,15 @@ def _dq(q, k, v, do, lse, delta, seg, *, causal, scale, blocks: MosaicBwdBlocks)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *seg_ref, dq_ref = refs
     seg_ref = seg_ref[0] if segmented else None
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
-    tile = lax.axis_index("q_tile")
-    if causal:  # heaviest first
-      tile = num_q_tiles - 1 - tile
-    wg = lax.axis_index("wg")
-    cta_steps = visible_steps(tile * (COMPUTE_WGS * bq) + bq) if causal else num_kv
+    tile, wg = tiles.tile(), lax.axis_index("wg")
+    cta_steps = tiles.cta_steps(tile)
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
       plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
-      first_row = tile * (COMPUTE_WGS * bq) + wg * bq
+      first_row = tiles.first_row(tile, wg)
       rows = pl.ds(first_row, bq)
       plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem, q_ready.at[wg])
       plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_smem, do_ready.at[wg])
@@ -123,13 +115,8 @@ def _dq(q, k, v, do, lse, delta, seg, *, causal, scale, blocks: MosaicBwdBlocks)
         plgpu.copy_gmem_to_smem(seg_ref.at[batch, rows], seg_smem2.at[wg], seg_ready.at[wg])
         plgpu.barrier_wait(seg_ready.at[wg])
         row_seg = plgpu.load(seg_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
-      steps = visible_steps(first_row) if causal else num_kv
-      if segmented:
-        unmasked = 0
-      elif causal:
-        unmasked = jnp.clip(lax.div(first_row + offset + 1, jnp.int32(bk)), 0, steps)
-      else:
-        unmasked = num_kv
+      steps = tiles.steps(first_row)
+      unmasked = tiles.unmasked(first_row, steps)
 
       def step(j, dq, masked: bool):
         slot = lax.rem(j, jnp.int32(stages))
@@ -198,13 +185,10 @@ def _dq(q, k, v, do, lse, delta, seg, *, causal, scale, blocks: MosaicBwdBlocks)
   )
   inputs = (q, k, v, do, lse, delta)
   if segmented:
-    scratch.update(seg_smem2=plgpu.SMEM((COMPUTE_WGS, bq), jnp.int32),
-                   kvseg_smem=plgpu.SMEM((stages, bk), jnp.int32),
-                   seg_ready=plgpu.Barrier(num_barriers=COMPUTE_WGS),
-                   kvseg_ready=plgpu.Barrier(num_barriers=stages))
+    scratch.update(tiles.segment_scratch(stages))
     inputs += (seg,)
   return launch(kernel, *inputs, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch=scratch,
-                grid=(hq, num_q_tiles, b), grid_names=("heads", "q_tile", "batch"))
+                grid=(hq, tiles.num_q_tiles, b), grid_names=("heads", "q_tile", "batch"))
 
 
 def _dkv(q, k, v, do, lse, delta, seg, *, causal, scale, blocks: MosaicBwdBlocks):

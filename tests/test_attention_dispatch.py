@@ -2,6 +2,8 @@
 
 On CPU the Pallas kernels (ours and JAX's splash) run in Pallas' interpreter.
 """
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,19 +12,20 @@ from flax import linen as nn
 
 from unimm_jax import sharding as shd
 from unimm_jax.api import logical_axes
+from unimm_jax.kernels import flash_mgpu
 from unimm_jax.models.janus_config import tiny_janus_config, validate_janus_config
 from unimm_jax.models.llm import LLM
 
 
-def packed_batch():
-    """Two rows: row 0 packs two segments, row 1 has left padding (segment 0)."""
-    rng = np.random.default_rng(0)
-    b, t = 2, 24
+def packed_batch(t=24, seed=0):
+    """Two rows of t tokens: row 0 packs two segments, row 1 has left padding (segment 0)."""
+    rng = np.random.default_rng(seed)
+    b = 2
     ids = jnp.asarray(rng.integers(0, 512, (b, t)), jnp.int32)
     seg = np.ones((b, t), np.int32)
     seg[0, 10:] = 2
     seg[1, :5] = 0
-    pos = np.concatenate([np.r_[np.arange(10), np.arange(14)][None], np.maximum(np.arange(t) - 5, 0)[None]])
+    pos = np.concatenate([np.r_[np.arange(10), np.arange(t - 10)][None], np.maximum(np.arange(t) - 5, 0)[None]])
     return ids, jnp.asarray(seg), jnp.asarray(pos, jnp.int32)
 
 
@@ -95,28 +98,13 @@ def test_pallas_under_a_sharded_mesh_equals_single_device(setup):
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=2e-5)
 
 
-ON_HOPPER_GPU = False
-try:  # only with UNIMM_KERNEL_TESTS_ON_GPU=1 (JAX_PLATFORMS=cuda,cpu) on a Hopper GPU
-    import os
-
-    from unimm_jax.kernels import flash_mgpu
-
-    ON_HOPPER_GPU = os.environ.get("UNIMM_KERNEL_TESTS_ON_GPU") == "1" and flash_mgpu.is_hopper()
-except Exception:  # noqa: BLE001 - no GPU backend: the test below is skipped
-    pass
-
+# Only with UNIMM_KERNEL_TESTS_ON_GPU=1 (and JAX_PLATFORMS=cuda,cpu) on a Hopper GPU.
+ON_HOPPER_GPU = os.environ.get("UNIMM_KERNEL_TESTS_ON_GPU") == "1" and flash_mgpu.is_hopper()
 
 @pytest.mark.skipif(not ON_HOPPER_GPU, reason="needs UNIMM_KERNEL_TESTS_ON_GPU=1 on a Hopper GPU")
 def test_llm_with_mosaic_gpu_kernels_equals_xla_on_hopper():
     """bf16 LLM, head dim 64, 256 packed tokens: `pallas` runs the Mosaic GPU kernels there."""
-    rng = np.random.default_rng(1)
-    b, t = 2, 256
-    ids = jnp.asarray(rng.integers(0, 512, (b, t)), jnp.int32)
-    seg = np.ones((b, t), np.int32)
-    seg[0, 100:] = 2
-    seg[1, 200:] = 0  # padding at the end, as the packer leaves it
-    pos = np.concatenate([np.r_[np.arange(100), np.arange(156)][None], np.arange(t)[None]])
-    seg, pos = jnp.asarray(seg), jnp.asarray(pos, jnp.int32)
+    ids, seg, pos = packed_batch(t=256, seed=1)
 
     def cfg(impl):
         c = llm_cfg(impl)

@@ -17,6 +17,7 @@ q [B, T, Hq, D], k/v [B, S, Hkv, D] (grouped-query when Hkv < Hq), segment_ids i
   flash_mgpu.py      Pallas Mosaic GPU forward for Hopper (warp-specialised, wgmma + TMA)
   flash_mgpu_bwd.py  Pallas Mosaic GPU backward for Hopper (dq and dk/dv kernels)
   sharded.py     `sharded_attention`: the kernel under shard_map (batch x heads)
+  residuals.py   names of the forward's saved (out, lse), kept by the LLM's "dots" remat policies
 """
 from .dispatch import attention
 from .reference import attention_reference

@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from . import flash_mgpu, flash_mgpu_bwd, masking
+from . import flash_mgpu, flash_mgpu_bwd, masking, residuals
 from .masking import MASK_VALUE
 from .tiling import next_pow2, pad_axis, round_up
 
@@ -413,7 +413,7 @@ def _flash(q, k, v, seg, cfg: _Cfg):
 
 
 def _flash_fwd(q, k, v, seg, cfg: _Cfg):
-  o, lse = _forward(q, k, v, seg, cfg, save_lse=True)
+  o, lse = residuals.name_residuals(*_forward(q, k, v, seg, cfg, save_lse=True))
   return o, (q, k, v, seg, o, lse)
 
 

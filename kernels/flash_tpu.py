@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from . import masking
+from . import masking, residuals
 from .masking import MASK_VALUE
 from .tiling import pad_axis, round_up
 
@@ -374,7 +374,7 @@ def _flash(q, k, v, seg, cfg: _Cfg):
 
 
 def _flash_fwd(q, k, v, seg, cfg: _Cfg):
-  o, lse = _forward(q, k, v, seg, cfg, save_lse=True)
+  o, lse = residuals.name_residuals(*_forward(q, k, v, seg, cfg, save_lse=True))
   return o, (q, k, v, seg, o, lse)
 
 

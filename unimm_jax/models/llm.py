@@ -18,16 +18,22 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from unimm_jax.kernels.residuals import RESIDUAL_NAMES
 from unimm_jax.layers import attention as attn_lib
 from unimm_jax.layers.mlp import HeadsDense
 from unimm_jax.layers.norms import RMSNorm
 from unimm_jax.layers.rope import apply_rope, rope_frequencies
 
+# The "dots" policies also keep the flash kernels' (out, lse): attention is matmul work too, and
+# without them the backward pass re-runs the forward kernel (kernels/residuals.py).
+_SAVE_ATTENTION = jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES)
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, _SAVE_ATTENTION),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _SAVE_ATTENTION),
 }
 
 _init = nn.initializers.normal(0.02)

@@ -43,6 +43,35 @@ def test_cross_entropy_no_mask_and_empty_mask():
         losses.cross_entropy_loss(logits, jnp.zeros((1, 2), jnp.int32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_token_cross_entropy_value_and_gradient(dtype):
+    """Values against numpy; the custom gradient against (softmax - onehot) * g in float64 and
+    against autodiff of the plain formula, in the logits' dtype."""
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.standard_normal((3, 4, 11)) * 4, dtype)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 4)), jnp.int32)
+    g = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)
+    x = np.asarray(logits.astype(jnp.float32), np.float64)
+    lp = _np_log_softmax(x)
+    ce = losses.token_cross_entropy(logits, targets)
+    assert ce.dtype == jnp.float32 and ce.shape == (3, 4)
+    np.testing.assert_allclose(np.asarray(ce), -np.take_along_axis(lp, np.asarray(targets)[..., None], -1)[..., 0], rtol=1e-5, atol=1e-5)
+
+    grad = jax.grad(lambda l: jnp.sum(losses.token_cross_entropy(l, targets) * g))(logits)
+    assert grad.dtype == dtype
+    want = (np.exp(lp) - np.eye(11)[np.asarray(targets)]) * np.asarray(g)[..., None]
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(grad, np.float64), want, atol=tol, rtol=tol)
+
+    def plain(l):
+        l32 = l.astype(jnp.float32)
+        picked = jnp.take_along_axis(l32, targets[..., None], -1)[..., 0]
+        return jnp.sum((jax.nn.logsumexp(l32, -1) - picked) * g)
+
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.asarray(jax.grad(plain)(logits), np.float32),
+                               atol=tol, rtol=tol)
+
+
 def test_sample_flow_timesteps():
     key = jax.random.PRNGKey(0)
     u = np.asarray(losses.sample_flow_timesteps(key, (20000,)))

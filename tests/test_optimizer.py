@@ -225,3 +225,23 @@ def test_boxed_params_are_an_error():
     boxed = {"params": {"k": nn.Partitioned(jnp.ones((2, 2)), names=("embed", "mlp"))}}
     with pytest.raises(ValueError, match="unbox"):
         make_optimizer({"learning_rate": 1e-3}, boxed, total_steps=3)
+
+
+def test_apply_gradients_if_updates_or_keeps_the_whole_state():
+    """The NaN guard's conditional update: ok -> exactly apply_gradients; not ok -> the state as it
+    was (params, Adam moments, accumulator, step), also with the state donated to the jit."""
+    params = _params()
+    tx = make_optimizer(default_config(learning_rate=1e-2, warmup_steps=0, grad_accum_steps=2),
+                        params, None, total_steps=10)
+    state = TrainState.create(params, tx, jax.random.key(0))
+    state = jax.jit(lambda s, g: s.apply_gradients(g, tx))(state, _grads(params, 0))
+    grads = _grads(params, 1)
+    want_new = jax.tree.map(np.asarray, state.apply_gradients(grads, tx))
+    want_old = jax.tree.map(np.asarray, state)
+    guarded = jax.jit(lambda s, ok: s.apply_gradients_if(ok, grads, tx), donate_argnums=(0,))
+    copy = lambda s: jax.tree.map(jnp.array, s)
+    for ok, want in ((True, want_new), (False, want_old)):
+        got = guarded(copy(state), jnp.asarray(ok))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    assert int(want_new.step) == int(want_old.step) + 1

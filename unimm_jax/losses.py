@@ -24,17 +24,51 @@ def _expand_mask(mask, like: jax.Array) -> jax.Array:
     return jnp.broadcast_to(m.reshape(m.shape + (1,) * (like.ndim - m.ndim)), like.shape)
 
 
+def _ce_and_lse(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = _f32(logits)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    return lse - picked, lse
+
+
+@jax.custom_vjp
+def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-position cross-entropy, float32 [...], of logits [..., V] (any float dtype) against
+    int targets [...] in [0, V).
+
+    Computed in float32; the gradient, (softmax - onehot) * g, is formed in float32 and returned
+    in logits' dtype, and the backward pass keeps only the logits and their log-sum-exp: bf16
+    logits never get a float32 copy (6.7 GB at 16k tokens x 102,400 words; ~2% of a
+    Janus-Pro-1B step on an H100).
+    """
+    return _ce_and_lse(logits, targets)[0]
+
+
+def _token_ce_fwd(logits, targets):
+    ce, lse = _ce_and_lse(logits, targets)
+    return ce, (logits, targets, lse)
+
+
+def _token_ce_bwd(res, g):
+    logits, targets, lse = res
+    probs = jnp.exp(_f32(logits) - lse[..., None])
+    onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    return ((probs - onehot) * g[..., None]).astype(logits.dtype), None
+
+
+token_cross_entropy.defvjp(_token_ce_fwd, _token_ce_bwd)
+
+
 def cross_entropy_loss(
     logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Masked mean token cross-entropy.
 
-    logits [..., V] (any float dtype, upcast to float32), targets int [...], mask [...] (bool or
-    float weights; None = all ones). Returns (loss, num_tokens), both float32 scalars:
+    logits [..., V] (any float dtype, computed in float32), targets int [...], mask [...] (bool
+    or float weights; None = all ones). Returns (loss, num_tokens), both float32 scalars:
     loss = sum(mask * ce) / max(sum(mask), 1). Targets under mask 0 may hold anything (e.g. -100):
     they are replaced by 0 before the gather so they cannot index out of range.
     """
-    logits = _f32(logits)
     mask = jnp.ones(targets.shape, jnp.float32) if mask is None else _f32(mask)
     if logits.shape[:-1] != targets.shape or mask.shape != targets.shape:
         raise ValueError(
@@ -42,9 +76,7 @@ def cross_entropy_loss(
             "must agree on all but the last (vocabulary) axis of logits."
         )
     safe = jnp.where(mask > 0, targets, 0).astype(jnp.int32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    ce = logz - picked
+    ce = token_cross_entropy(logits, safe)
     num = jnp.sum(mask)
     return jnp.sum(ce * mask) / jnp.maximum(num, 1.0), num
 

@@ -109,8 +109,7 @@ def flow_train_step(state, batch: Mapping[str, jax.Array], *, module: JanusFlow,
         lambda p: flow_training_loss(module, p, batch, key), has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = state.apply_gradients(grads, tx)
-    state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+    state = state.apply_gradients_if(ok, grads, tx)
     metrics = {**aux, "grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32)}
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(lr_step), jnp.float32)

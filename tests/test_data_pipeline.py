@@ -281,8 +281,11 @@ def test_epochs_repeat_forever_reshuffled_and_seeded(data_dir, tok):
     assert _same(a, b) and not _same(a, c)
 
 
-def test_resume_from_saved_state_gives_the_same_batches(data_dir, tok):
-    cfg = _cfg(data_dir)
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_resume_from_saved_state_gives_the_same_batches(data_dir, tok, prefetch):
+    """Also with batches prefetched in a background thread: the saved state is that of the
+    batches taken, not of those already packed ahead."""
+    cfg = _cfg(data_dir, prefetch_batches=prefetch)
     for k in (0, 1, 3):
         it = pipeline.make_train_iterator(cfg, **_kw(tok))
         _take(it, k)
@@ -309,6 +312,12 @@ def test_resume_through_the_orbax_checkpointer(data_dir, tok, tmp_path):
         import jax
         ckpt.restore(2, {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}, data_iter=resumed)
     assert all(_same(x, y) for x, y in zip(_take(resumed, 2), want))
+
+
+def test_prefetching_gives_the_same_batches(data_dir, tok):
+    want = _take(pipeline.make_train_iterator(_cfg(data_dir, prefetch_batches=0), **_kw(tok)), 4)
+    got = _take(pipeline.make_train_iterator(_cfg(data_dir, prefetch_batches=2), **_kw(tok)), 4)
+    assert all(_same(x, y) for x, y in zip(got, want))
 
 
 def _source(data_dir):
@@ -388,6 +397,8 @@ def test_bad_arguments_are_clear_errors(data_dir, tok):
         pipeline.make_train_dataset(_cfg(data_dir, cfg_drop_prob=1.5), **_kw(tok))
     with pytest.raises(ValueError, match="seq_len=20 is too short"):
         pipeline.make_train_iterator(_cfg(data_dir, seq_len=20), **_kw(tok))
+    with pytest.raises(ValueError, match="prefetch_batches=-1 must be >= 0"):
+        pipeline.make_train_dataset(_cfg(data_dir, prefetch_batches=-1), **_kw(tok))
     with pytest.raises(ValueError, match="max_images_per_row=0"):
         pipeline.make_train_iterator(_cfg(data_dir, max_images_per_row=0), **_kw(tok))
     # A custom source is checked example by example, when packed.

@@ -58,6 +58,9 @@ def default_data_config() -> ml_collections.ConfigDict:
                                   # each worker packs its own slice, so batches differ per count
     c.encode_batch_size = 32      # max images per image_encoder call (see pipeline.chunk_sizes)
     c.read_threads = 4            # threads reading + formatting records per process
+    c.prefetch_batches = 1        # batches packed (and VQ-encoded) in a background thread while
+                                  # the step runs; 0 = on demand. The same batches either way, and
+                                  # the checkpointed iterator state is that of the batches consumed
     return c
 
 
@@ -394,7 +397,13 @@ def make_train_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[st
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (defaults will do)
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.worker_count)))
-    return ds.map(_EncodePending(image_encoder, chunk, num_gen_tokens or 0))
+    ds = ds.map(_EncodePending(image_encoder, chunk, num_gen_tokens or 0))
+    prefetch = int(data_cfg.get("prefetch_batches", 0))
+    if prefetch < 0:
+        raise ValueError(f"config.data.prefetch_batches={prefetch} must be >= 0.")
+    if prefetch:
+        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+    return ds
 
 
 def make_train_iterator(data_cfg, **kwargs) -> grain.DatasetIterator:

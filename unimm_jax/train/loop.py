@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import Callable, Mapping
 
 import grain
 import jax
@@ -216,7 +216,7 @@ def synthetic_batch(model_cfg, data_cfg, seed: int, index: int) -> dict:
     tok = model_cfg.tokens
     for r in range(b):
         task = r % 3
-        seq, is_img, tgt_img = [tok.bos_token_id], [False], []
+        seq, is_img = [tok.bos_token_id], [False]
         n_text = int(rng.integers(4, 12))
         seq += list(rng.choice(words, n_text))
         is_img += [False] * n_text
@@ -377,6 +377,36 @@ def _log_line(metrics: dict, dt: float, tokens: int) -> dict:
     return {k: v for k, v in out.items() if not (k.startswith("loss/") or k.startswith("accuracy/")) or np.isfinite(v)}
 
 
+def _log_eval(logger: MetricsLogger, step: int, summary: Mapping | None) -> None:
+    """An evaluation's {"scalars", "images"} into metrics.jsonl / TensorBoard (None: nothing)."""
+    if not summary:
+        return
+    if summary.get("scalars"):
+        logger.write(step, summary["scalars"])
+    if summary.get("images"):
+        logger.write_images(step, summary["images"])
+
+
+def eval_summary(result: Mapping, out_dir) -> dict:
+    """A shapes eval (`shapes_eval.evaluate`'s dict, written into out_dir) as loggable summaries:
+    scalars eval/understanding, eval/generation (overall accuracies) and eval/<task>/<kind>, and
+    the image eval/samples (out_dir/samples.png, uint8 [H, W, 3]) when generation ran."""
+    from unimm_jax.evals import shapes_eval
+
+    scalars = {}
+    for task in ("understanding", "generation"):
+        if task in result:
+            scalars[f"eval/{task}"] = float(result[task]["overall"])
+            scalars.update({f"eval/{task}/{k}": float(v) for k, v in result[task]["per_kind"].items()})
+    images = {}
+    grid = os.path.join(os.fspath(out_dir), shapes_eval.SAMPLES_FILE)
+    if "generation" in result and os.path.exists(grid):
+        from PIL import Image
+
+        images["eval/samples"] = np.asarray(Image.open(grid).convert("RGB"))
+    return {"scalars": scalars, "images": images}
+
+
 def train(config: ml_collections.ConfigDict, workdir, *, data_iter=None, image_encoder=None,
           tokenizer=None, tokens=None, init_params_fn=None, evaluate_fn: Callable | None = None,
           devices=None, stop_at: int | None = None) -> dict:
@@ -385,7 +415,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_iter=None, image_e
     workdir gets ckpt/ (orbax), metrics.jsonl, tb/. `data_iter` overrides the configured data
     (it must be a checkpointable Grain iterator); `init_params_fn(params) -> params` patches the
     freshly initialised params (e.g. to load the trained VQ); `evaluate_fn(trainer, step)` runs
-    every train.eval_every micro-steps; `devices` restricts the mesh; `stop_at` ends the run
+    every train.eval_every micro-steps and may return {"scalars": {...}, "images": {...}} for
+    metrics.jsonl / TensorBoard at that step; `devices` restricts the mesh; `stop_at` ends the run
     after that micro-step as a preemption would (save, return). Returns {"step",
     "stopped_early", "last": last logged metrics, "trainer"}.
     """
@@ -441,7 +472,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_iter=None, image_e
                 ckpt.save(step, trainer.state, data_iter)
                 if evaluate_fn is not None and t_cfg.eval_every and step % t_cfg.eval_every == 0 \
                         and step < trainer.total_micro:
-                    evaluate_fn(trainer, step)
+                    _log_eval(logger, step, evaluate_fn(trainer, step))
                     t0 = time.perf_counter()
                 if ckpt.stop_requested(step) or (stop_at is not None and step >= stop_at):
                     logging.warning("stop requested: saving step %d and exiting.", step)
@@ -594,10 +625,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         small.num_generation = min(int(small.num_generation), 16)
         small.grid_size = 4
         host = jax.tree.map(lambda x: jnp.asarray(np.asarray(jax.device_get(x))), trainer.state.params)
-        res = shapes_eval.evaluate(JanusModel(config.model, host), tokenizer, config.data, small,
-                                   os.path.join(workdir, "eval", f"step_{step}"))
+        out_dir = os.path.join(workdir, "eval", f"step_{step}")
+        res = shapes_eval.evaluate(JanusModel(config.model, host), tokenizer, config.data, small, out_dir)
         logging.info("step %d eval: %s", step, {k: res[k]["overall"] for k in ("understanding", "generation")
                                                 if k in res})
+        return eval_summary(res, out_dir)
 
     out = train(config, workdir, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens,
                 init_params_fn=lambda params: _with_pretrained(params, pretrained), evaluate_fn=periodic_eval)
@@ -618,5 +650,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         res = shapes_eval.evaluate(model, tokenizer, config.data, config.eval, workdir)
         out["eval"] = {k: {kk: v[kk] for kk in ("overall", "per_kind", "n")} for k, v in res.items()
                        if k in ("understanding", "generation")}
+        with MetricsLogger(workdir, use_tensorboard=config.train.tensorboard) as logger:
+            _log_eval(logger, out["step"], eval_summary(res, workdir))
         logging.info("eval: %s (model in %s)", out["eval"], model_dir)
     return out

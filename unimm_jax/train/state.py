@@ -62,8 +62,8 @@ class TrainState:
     def apply_gradients_if(self, ok: jax.Array, grads, tx: optax.GradientTransformation) -> "TrainState":
         """`apply_gradients` when the bool scalar `ok` holds, else this state unchanged (NaN guard).
 
-        A cond, not a where over old and new states: the update runs in place on a donated state
-        instead of holding two copies of it (a 34 GiB temporary for Janus-Pro-1B on one GPU).
+        A cond, not a where over old and new states: a skipped step does no optimizer work, and the
+        update never needs both states at once to select between them.
         """
         return jax.lax.cond(ok, lambda s: s.apply_gradients(grads, tx), lambda s: s, self)
 

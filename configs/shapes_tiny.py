@@ -70,9 +70,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.batch_size = 16
     config.data.max_images_per_row = 6  # understanding dialogues are ~60 tokens: up to 4 fit a row
     config.data.questions_per_image = 4  # each understanding example asks 4 questions of its image
-    # No packing thread on 2 cores: it competes with XLA's two compute threads (measured 1.24 s per
-    # LLM step with one batch prefetched against 1.15 s without, same machine state).
-    config.data.prefetch_batches = 0
     # Flat patches share one latent (constant_patch_weight) and a code inside another's cluster is
     # restarted (merge_distance): white gets one code instead of ~250 interchangeable ones.
     config.tokenizer = vq_train_block(num_steps=2000, batch_size=16, learning_rate=8e-3, warmup_steps=20,

@@ -205,22 +205,18 @@ def test_cli_log_filter_drops_library_info_but_keeps_warnings_and_ours():
 def test_evaluations_reach_metrics_jsonl_and_tensorboard(tmp_path):
     """evaluate_fn's summaries (what the shapes job's periodic eval returns via eval_summary) are
     logged at their step: eval scalars in metrics.jsonl and TensorBoard, the sample grid as an image."""
-    from PIL import Image
     from tensorboard.backend.event_processing import event_accumulator
 
-    out_dir = tmp_path / "eval"
-    out_dir.mkdir()
     grid = np.zeros((6, 10, 3), np.uint8)
     grid[:, :5] = (230, 25, 75)
-    Image.fromarray(grid).save(out_dir / "samples.png")
     result = {"understanding": {"overall": 0.5, "per_kind": {"count": 1.0, "shape": 0.0}},
-              "generation": {"overall": 0.25, "per_kind": {"single": 0.25}}}
-    summary = loop.eval_summary(result, out_dir)
+              "generation": {"overall": 0.25, "per_kind": {"single": 0.25}, "samples_grid": grid}}
+    summary = loop.eval_summary(result)
     assert summary["scalars"] == {"eval/understanding": 0.5, "eval/understanding/count": 1.0,
                                   "eval/understanding/shape": 0.0, "eval/generation": 0.25,
                                   "eval/generation/single": 0.25}
     np.testing.assert_array_equal(summary["images"]["eval/samples"], grid)
-    assert loop.eval_summary({"understanding": result["understanding"]}, out_dir)["images"] == {}
+    assert loop.eval_summary({"understanding": result["understanding"]})["images"] == {}
 
     calls = []
     c = tiny_train_config(steps=4, eval_every=2, tensorboard=True)

@@ -1,8 +1,6 @@
 """shapes_eval.evaluate: eval.json holds both accuracies per kind and samples.png the grid."""
 import json
-import os
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -36,3 +34,5 @@ def test_evaluate_writes_eval_json_and_grid(tmp_path):
     assert len(saved["generation"]["results"]) == 3 and "prompt" in saved["generation"]["results"][0]
     grid = np.asarray(Image.open(tmp_path / "out" / "samples.png"))
     assert grid.shape == (2 * 32 + 2, 2 * 32 + 2, 3)
+    np.testing.assert_array_equal(res["generation"]["samples_grid"], grid)  # what eval_summary logs
+    assert "samples_grid" not in saved["generation"]

@@ -60,16 +60,22 @@ def generate_images(model, tokenizer: TextTokenizer, prompts, *, cfg_weight: flo
     return np.asarray(model.vq_decode(np.asarray(codes)))
 
 
-def save_grid(images, path: str, cols: int) -> None:
+def save_grid(images, path: str, cols: int) -> np.ndarray:
+    """Writes images (float [N, H, W, 3] in about [-1, 1]) as one PNG grid; returns the grid
+    (uint8 [rows * (H + pad), cols * (W + pad), 3]) so callers need not read the file back."""
     from PIL import Image
 
     from unimm_jax.sample.images import make_grid, to_uint8
 
-    Image.fromarray(make_grid(to_uint8(images), cols=cols)).save(path)
+    grid = make_grid(to_uint8(images), cols=cols)
+    Image.fromarray(grid).save(path)
+    return grid
 
 
 def evaluate(model, tokenizer: TextTokenizer, data_cfg, eval_cfg, out_dir) -> dict:
-    """Runs both evaluations and writes eval.json + samples.png into out_dir; returns the dict.
+    """Runs both evaluations and writes eval.json + samples.png into out_dir; returns the dict,
+    whose "generation" entry also holds "samples_grid" (the PNG's uint8 [H, W, 3] array, not in
+    eval.json).
 
     data_cfg: config.data (test split location, system_prompt); eval_cfg: config.eval
     (num_understanding, num_generation, cfg_weight, temperature, top_k, max_new_tokens,
@@ -98,10 +104,12 @@ def evaluate(model, tokenizer: TextTokenizer, data_cfg, eval_cfg, out_dir) -> di
         gen["results"] = [dict(prompt=p, correct=bool(r["correct"]), kind=r["kind"], reason=r["reason"])
                           for p, r in zip(prompts, gen["results"])]
         g = int(eval_cfg.get("grid_size", 8))
-        save_grid(images[: g * g], os.path.join(out_dir, SAMPLES_FILE), cols=g)
+        grid = save_grid(images[: g * g], os.path.join(out_dir, SAMPLES_FILE), cols=g)
         gen["samples"] = SAMPLES_FILE
         result["generation"] = gen
     result["seconds"] = {"understanding": t1 - t0, "generation": time.perf_counter() - t1}
     with open(os.path.join(out_dir, EVAL_FILE), "w") as f:
         json.dump(result, f, indent=2)
+    if eval_cfg.num_generation:
+        result["generation"]["samples_grid"] = grid
     return result

@@ -387,23 +387,17 @@ def _log_eval(logger: MetricsLogger, step: int, summary: Mapping | None) -> None
         logger.write_images(step, summary["images"])
 
 
-def eval_summary(result: Mapping, out_dir) -> dict:
-    """A shapes eval (`shapes_eval.evaluate`'s dict, written into out_dir) as loggable summaries:
-    scalars eval/understanding, eval/generation (overall accuracies) and eval/<task>/<kind>, and
-    the image eval/samples (out_dir/samples.png, uint8 [H, W, 3]) when generation ran."""
-    from unimm_jax.evals import shapes_eval
-
+def eval_summary(result: Mapping) -> dict:
+    """A shapes eval (`shapes_eval.evaluate`'s dict) as loggable summaries: scalars
+    eval/understanding, eval/generation (overall accuracies) and eval/<task>/<kind>, and the image
+    eval/samples (the generation's "samples_grid", uint8 [H, W, 3]) when generation ran."""
     scalars = {}
     for task in ("understanding", "generation"):
         if task in result:
             scalars[f"eval/{task}"] = float(result[task]["overall"])
             scalars.update({f"eval/{task}/{k}": float(v) for k, v in result[task]["per_kind"].items()})
-    images = {}
-    grid = os.path.join(os.fspath(out_dir), shapes_eval.SAMPLES_FILE)
-    if "generation" in result and os.path.exists(grid):
-        from PIL import Image
-
-        images["eval/samples"] = np.asarray(Image.open(grid).convert("RGB"))
+    grid = result.get("generation", {}).get("samples_grid")
+    images = {} if grid is None else {"eval/samples": np.asarray(grid)}
     return {"scalars": scalars, "images": images}
 
 
@@ -629,7 +623,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         res = shapes_eval.evaluate(JanusModel(config.model, host), tokenizer, config.data, small, out_dir)
         logging.info("step %d eval: %s", step, {k: res[k]["overall"] for k in ("understanding", "generation")
                                                 if k in res})
-        return eval_summary(res, out_dir)
+        return eval_summary(res)
 
     out = train(config, workdir, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens,
                 init_params_fn=lambda params: _with_pretrained(params, pretrained), evaluate_fn=periodic_eval)
@@ -651,6 +645,6 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         out["eval"] = {k: {kk: v[kk] for kk in ("overall", "per_kind", "n")} for k, v in res.items()
                        if k in ("understanding", "generation")}
         with MetricsLogger(workdir, use_tensorboard=config.train.tensorboard) as logger:
-            _log_eval(logger, out["step"], eval_summary(res, workdir))
+            _log_eval(logger, out["step"], eval_summary(res))
         logging.info("eval: %s (model in %s)", out["eval"], model_dir)
     return out

@@ -20,14 +20,14 @@ Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23):
   trips score 0.717 / 0.692 (seeds 0 / 1) with the GenEval-style scorer; 2000 steps of 16 images,
   the same images and CPU time in half the updates, scored 0.625-0.66.
 - SigLIP patch 16: 16 understanding tokens per image; pretrained 4800 steps of 32 images
-  (~2.5 min) on pooled and per-token colour-shape concepts (token_weight): 0.846 of test images
+  (~2 min) on pooled and per-token colour-shape concepts (token_weight): 0.846 of test images
   with all 18 concepts right (0.694 with 1200 steps of 128 images, the same images and time),
   96% of tokens with all their concepts right, and the LLM's attention can read each token's
   objects.
-- LLM 500 steps: 650 ran 18.3-20.5 min end to end and 600 ran 22.6 min on this shared machine's
-  slower states (LLM steps 1.0-1.2 s); the runs with 500 (0.72 / 0.05, VQ of 1200 steps) and 650
-  steps (0.685 / 0.033) agree within about one standard error (RESULTS.md). Hidden 192, 3 layers, lr 1e-3 (3e-3 washed the image information out of the answer
-  position); loss = weighted mean of per-task means (train.task_weights, understanding
+- LLM 500 steps (the whole job ran 19.3 min from a clean clone at d3f554f, its first 9 minutes
+  sharing the cores with the test suite; 650 steps ran 18.3-20.5 min before). Hidden 192, 3
+  layers, lr 1e-3 (3e-3 washed the image information out of the answer position; 2e-3 with the
+  current tower scored 0.68 against 0.78); loss = weighted mean of per-task means (train.task_weights, understanding
   weighted 2); gen_embed starts from the VQ's code vectors (train.gen_embed_from_vq).
 """
 import ml_collections

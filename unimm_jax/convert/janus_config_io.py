@@ -151,9 +151,17 @@ def _scalar(v):
     return v[0] if isinstance(v, list) and v else v
 
 
+def _check_reference_vq(vq: ml_collections.ConfigDict, fmt: str) -> None:
+    """The reference VQ-16 has an encoder with global context; a local one cannot be written."""
+    if vq.get("encoder_context", "global") != "global":
+        raise CheckpointError(f"model.vq.encoder_context={vq.encoder_context!r}: the {fmt} VQ has no such encoder "
+                              f"(its encoder attends over the whole image); save this model with format='unimm'.")
+
+
 def hf_config_from(m: ml_collections.ConfigDict, dtype: str) -> tuple[dict, dict]:
     """(config.json, generation_config.json) dicts for a transformers Janus checkpoint."""
     llm, vis, vq, toks = m.llm, m.vision, m.vq, m.tokens
+    _check_reference_vq(vq, "transformers")
     if m.gen_head.hidden_size != llm.hidden_size:
         raise CheckpointError("transformers' Janus ties gen_head hidden size to the LLM width: "
                               f"gen_head.hidden_size={m.gen_head.hidden_size} != {llm.hidden_size}.")
@@ -277,6 +285,7 @@ def deepseek_config_from(m: ml_collections.ConfigDict, dtype: str) -> dict:
     """config.json for a DeepSeek-original checkpoint; non-standard sizes are carried in
     `unimm_*` fields (the original code accepts and ignores extra keys)."""
     llm, vis, vq = m.llm, m.vision, m.vq
+    _check_reference_vq(vq, "DeepSeek")
     vparams = dict(image_size=vis.image_size, select_feature="same", select_layer=-1)
     own = dict(vision_hidden=vis.hidden_size, vision_layers=vis.num_layers, vision_heads=vis.num_heads,
                patch_size=vis.patch_size, image_size=vis.image_size)

@@ -43,10 +43,16 @@ class LayerNorm(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm over NHWC activations (torch semantics: groups split the channel axis)."""
+    """GroupNorm over NHWC activations (torch semantics: groups split the channel axis).
+
+    per_position=True takes each group's statistics at each pixel alone (over the group's
+    channels only, not over H and W), so an output never depends on other pixels: with one
+    group it is a LayerNorm over channels. Parameters are the same either way.
+    """
 
     num_groups: int = 32
     eps: float = 1e-6
+    per_position: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -59,7 +65,8 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,))
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,))
         g = x.astype(jnp.float32).reshape(b, h, w, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+        axes = (4,) if self.per_position else (1, 2, 4)
+        mean = jnp.mean(g, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
         y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
         return (y * scale + bias).astype(x.dtype)

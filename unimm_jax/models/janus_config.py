@@ -101,6 +101,9 @@ def janus_model_config(
             in_channels=3,
             out_channels=3,
             norm_groups=32,
+            # "global" as LlamaGen / Janus; "local": codes independent of the rest of the image
+            # (models/vq.py encoder_is_local); only the unimm format stores such a VQ.
+            encoder_context="global",
             commit_beta=0.25,
             encode_l2_norm=True,
         )

@@ -40,15 +40,20 @@ def swish(x):
 
 
 class ResnetBlock(nn.Module):
-    """GN, swish, conv3, GN, swish, conv3 + (1x1 nin_shortcut when channels change)."""
+    """GN, swish, conv3, GN, swish, conv3 + (1x1 nin_shortcut when channels change).
+
+    per_position: GroupNorm statistics per pixel (`GroupNorm.per_position`), for a local encoder.
+    """
 
     out_channels: int
     groups: int = 32
+    per_position: bool = False
 
     @nn.compact
     def __call__(self, x):
-        h = conv(self.out_channels, 3, "conv1")(swish(GroupNorm(self.groups, name="norm1")(x)))
-        h = conv(self.out_channels, 3, "conv2")(swish(GroupNorm(self.groups, name="norm2")(h)))
+        norm = lambda name: GroupNorm(self.groups, per_position=self.per_position, name=name)
+        h = conv(self.out_channels, 3, "conv1")(swish(norm("norm1")(x)))
+        h = conv(self.out_channels, 3, "conv2")(swish(norm("norm2")(h)))
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, "nin_shortcut")(x)
         return x + h
@@ -71,14 +76,19 @@ class AttnBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """Res, Attn, Res; a local encoder's (attention=False) has no attention block."""
+
     groups: int = 32
+    attention: bool = True
+    per_position: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        x = ResnetBlock(c, self.groups, name="block_1")(x)
-        x = AttnBlock(self.groups, name="attn_1")(x)
-        return ResnetBlock(c, self.groups, name="block_2")(x)
+        x = ResnetBlock(c, self.groups, self.per_position, name="block_1")(x)
+        if self.attention:
+            x = AttnBlock(self.groups, name="attn_1")(x)
+        return ResnetBlock(c, self.groups, self.per_position, name="block_2")(x)
 
 
 class Downsample(nn.Module):
@@ -99,6 +109,19 @@ class Upsample(nn.Module):
         return conv(x.shape[-1], 3, "conv")(x)
 
 
+ENCODER_CONTEXTS = ("global", "local")
+
+
+def encoder_is_local(cfg) -> bool:
+    """cfg.encoder_context: "global" (LlamaGen / Janus: attention and GroupNorm statistics over
+    the whole image) or "local" (no attention, per-pixel norms: a patch's code depends only on
+    the pixels within the convolutions' reach, never on objects elsewhere in the image)."""
+    ctx = cfg.get("encoder_context", "global")
+    if ctx not in ENCODER_CONTEXTS:
+        raise ValueError(f"model.vq.encoder_context={ctx!r} must be one of {ENCODER_CONTEXTS}.")
+    return ctx == "local"
+
+
 class Encoder(nn.Module):
     cfg: ml_collections.ConfigDict
 
@@ -106,18 +129,20 @@ class Encoder(nn.Module):
     def __call__(self, x):
         c = self.cfg
         mult = tuple(c.channel_multiplier)
-        g = c.norm_groups
+        local = encoder_is_local(c)
+        # A local encoder normalises each pixel over all its channels (one group).
+        g = 1 if local else c.norm_groups
         x = conv(c.base_channels, 3, "conv_in")(x)
         for i, m in enumerate(mult):
             last = i == len(mult) - 1
             for j in range(c.num_res_blocks):
-                x = ResnetBlock(c.base_channels * m, g, name=f"down_{i}_block_{j}")(x)
-                if last:
+                x = ResnetBlock(c.base_channels * m, g, local, name=f"down_{i}_block_{j}")(x)
+                if last and not local:
                     x = AttnBlock(g, name=f"down_{i}_attn_{j}")(x)
             if not last:
                 x = Downsample(name=f"down_{i}_downsample")(x)
-        x = MidBlock(g, name="mid")(x)
-        x = swish(GroupNorm(g, name="norm_out")(x))
+        x = MidBlock(g, attention=not local, per_position=local, name="mid")(x)
+        x = swish(GroupNorm(g, per_position=local, name="norm_out")(x))
         return conv(c.latent_channels, 3, "conv_out")(x)
 
 

@@ -268,6 +268,7 @@ def load_vq(directory):
     with open(cfg_path) as f:
         raw = json.load(f)
     raw["channel_multiplier"] = tuple(raw["channel_multiplier"])
+    raw.setdefault("encoder_context", "global")  # tokenizers trained before the option existed
     return ml_collections.ConfigDict(raw), load_params(os.path.join(directory, PARAMS_DIR))
 
 

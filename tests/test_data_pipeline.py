@@ -151,6 +151,9 @@ def test_dialogues_ask_more_questions_of_each_image(data_dir, tok):
             kinds = [shapes.question_kind(q) for q in questions]
             for q, a, k in zip(questions, answers, kinds):
                 assert a.strip() in ANSWERS[k], (q, a)
+            # No later question can be answered from the earlier answers alone.
+            turns = [(q, a.strip()) for q, a in zip(questions, answers)]
+            assert not any(shapes.answerable_from(turns[:i], q) for i, (q, _) in enumerate(turns))
             n += 1
     assert n >= 8
     # Every dialogue's answers are the ones its record's qa_pairs give (the tokenizer lower-cases).

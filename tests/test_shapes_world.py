@@ -147,6 +147,45 @@ def test_questions_have_correct_answers():
     assert yes_no["yes"] == yes_no["no"]
 
 
+@pytest.mark.parametrize("earlier, question, leaks", [
+    ([("What color is the square?", "red")], "Is there a red square?", True),
+    ([("What color is the square?", "red")], "Is there a blue square?", True),  # the one square is red
+    ([("What color is the square?", "red")], "What shape is the red object?", True),
+    ([("What color is the square?", "red")], "Is there a red circle?", False),
+    ([("What color is the square?", "red")], "What color is the circle?", False),
+    ([("What shape is the blue object?", "circle")], "Is there a blue triangle?", True),
+    ([("What shape is the blue object?", "circle")], "What color is the circle?", True),
+    ([("What shape is the blue object?", "circle")], "Is there a green circle?", False),
+    ([("Is there a red square?", "yes")], "What color is the square?", True),
+    ([("Is there a red square?", "yes")], "Is there a blue square?", False),  # squares may repeat
+    ([("Is there a red square?", "no")], "What color is the square?", False),
+    ([("Is there a red square?", "no")], "Is there a red circle?", False),
+    ([("What color is the square?", "red"), ("What color is the circle?", "blue")],
+     "How many shapes are there?", False),
+    ([("What color is the square?", "red"), ("What color is the circle?", "blue"),
+      ("What color is the triangle?", "green")], "How many shapes are there?", True),
+    ([], "Is there a red square?", False),
+])
+def test_answerable_from_earlier_turns(earlier, question, leaks):
+    assert shapes.answerable_from(earlier, question) is leaks
+
+
+def test_answerable_from_is_right_on_real_scenes():
+    """Whenever earlier true answers make a question answerable, every scene that gives those
+    answers gives the same answer to it (checked by brute force over random scenes)."""
+    rng = np.random.default_rng(0)
+    answers_given = collections.defaultdict(set)  # (earlier turns, question) -> answers seen
+    for _ in range(3000):
+        scene = shapes.sample_scene(rng)
+        qas = shapes.questions_for(scene, rng)
+        for i, first in enumerate(qas):
+            for q, a in qas[:i] + qas[i + 1:]:
+                if shapes.answerable_from([first], q):
+                    answers_given[(first, q)].add(a)
+    assert len(answers_given) > 100
+    assert all(len(a) == 1 for a in answers_given.values())
+
+
 def test_qa_pairs_round_trip_and_bad_text():
     qas = [("What color is the circle?", "red"), ("How many shapes are there?", "two")]
     text = shapes.format_qa_pairs(qas)

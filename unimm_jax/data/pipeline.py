@@ -156,7 +156,9 @@ def _derive_seed(seed: int, *tags: int) -> int:
 
 def dialogue_turns(rec, rng: np.random.Generator, questions_per_image: int) -> list[tuple[str, str]]:
     """The record's own question first, then up to ``questions_per_image - 1`` other pairs of
-    its ``qa_pairs`` in random order (a record without them is an older shapes world: error)."""
+    its ``qa_pairs`` in random order, skipping any whose answer the earlier turns already give
+    (`shapes.answerable_from`: every answer must be read from the image). A record without
+    qa_pairs is an older shapes world: error."""
     turns = [(rec["question"], rec["answer"])]
     if questions_per_image <= 1:
         return turns
@@ -164,8 +166,12 @@ def dialogue_turns(rec, rng: np.random.Generator, questions_per_image: int) -> l
         raise ValueError("data.questions_per_image > 1 needs records with qa_pairs (shapes world >= 1.1.0); "
                          "rebuild the dataset (a new data_dir) or set data.questions_per_image=1.")
     others = [qa for qa in shapes.parse_qa_pairs(rec["qa_pairs"]) if qa[0] != rec["question"]]
-    order = rng.permutation(len(others))[:questions_per_image - 1]
-    return turns + [others[i] for i in order]
+    for i in rng.permutation(len(others)):
+        if len(turns) == questions_per_image:
+            break
+        if not shapes.answerable_from(turns, others[i][0]):
+            turns.append(others[i])
+    return turns
 
 
 def _format_understanding(rec, rng=None, *, tokenizer, tokens, num_image_tokens, system_prompt,

@@ -424,6 +424,41 @@ def questions_for(scene: Scene, rng: SeedLike) -> list[tuple[str, str]]:
     return out
 
 
+def answerable_from(turns: Sequence[tuple[str, str]], question: str) -> bool:
+    """Whether ``question``'s answer follows from the earlier ``(question, answer)`` ``turns``
+    alone, without the image, under this world's rules (a colour question is only asked of a
+    shape unique in the scene, a shape question of a colour unique in the scene).
+
+    A dialogue that asks "What color is the square?" (red) and then "Is there a red square?"
+    trains its second answer as a copy of the first rather than a reading of the image;
+    training dialogues skip such questions.
+    """
+    seen: set[tuple[str, str]] = set()  # (colour, shape) pairs the answers showed present
+    shape_color: dict[str, str] = {}  # a unique shape's colour, from a colour question
+    color_shape: dict[str, str] = {}  # a unique colour's shape, from a shape question
+    for q, a in turns:
+        words, a = _normalise(q).rstrip("?").split(), _normalise(a)
+        kind = question_kind(q)
+        if kind == "color":
+            shape_color[words[-1]] = a
+            seen.add((a, words[-1]))
+        elif kind == "shape":
+            color_shape[words[-2]] = a
+            seen.add((words[-2], a))
+        elif kind == "exists" and a == "yes":
+            seen.add((words[-2], words[-1]))
+    words = _normalise(question).rstrip("?").split()
+    kind = question_kind(question)
+    if kind == "color":
+        return any(s == words[-1] for _, s in seen)
+    if kind == "shape":
+        return any(c == words[-2] for c, _ in seen)
+    if kind == "exists":
+        c, s = words[-2], words[-1]
+        return (c, s) in seen or s in shape_color or c in color_shape
+    return len(seen) >= MAX_OBJECTS  # count: every object already named
+
+
 # --------------------------------------------------------------------------- examples
 def make_example(seed_or_rng: SeedLike, image_size: int = _BASE_SIZE) -> dict:
     """One training example.

@@ -303,9 +303,10 @@ def main():
         return gpu_main(args)
     config = load_config(args.config)
     # transformers' Janus VQ hard-codes 32 GroupNorm groups; the VQ is frozen and outside the
-    # timed step in both frameworks, so give it reference-compatible widths for loading.
+    # timed step in both frameworks, so give it reference-compatible widths (and encoder) for loading.
     config.model.vq.base_channels = max(32, config.model.vq.base_channels)
     config.model.vq.norm_groups = 32
+    config.model.vq.encoder_context = "global"
     batch = understanding_batch(config.model, args.batch, args.seq)
     tokens = args.batch * args.seq
     peak = matmul_peak()

@@ -35,6 +35,22 @@ def test_validation_names_field_and_fix():
     with pytest.raises(ValueError, match=r"model\.llm\.num_kv_heads=3 is out of range: must divide num_heads=4"):
         validate_janus_config(m)
     m = load("janus_tiny").model
+    m.vq.encoder_context = "nearby"
+    with pytest.raises(ValueError, match=r"model\.vq\.encoder_context='nearby' is out of range: must be one of \('global', 'local'\)"):
+        validate_janus_config(m)
+    m = load("janus_tiny").model
     m.vq.base_channels = 48
     with pytest.raises(ValueError, match=r"channel_multiplier\[0\]=1.*=48 must be a multiple of norm_groups=32"):
         validate_janus_config(m)
+
+
+def test_shapes_configs_validate_and_share_one_vq():
+    """The default job's config validates, and configs/shapes_vq.py trains the very VQ it uses
+    (its W/tokenizer must pass check_vq_matches against shapes_tiny's model)."""
+    from unimm_jax.train.vq_trainer import check_vq_matches
+
+    tiny, vq = load("shapes_tiny"), load("shapes_vq")
+    validate_janus_config(tiny.model)
+    check_vq_matches(tiny.model.vq, vq.model.vq)
+    assert tiny.model.vq.encoder_context == "local"
+    assert tiny.tokenizer.to_dict() == vq.tokenizer.to_dict()

@@ -207,6 +207,10 @@ def validate_janus_config(m: ml_collections.ConfigDict) -> None:
     _check(vq.image_size % down == 0, "model.vq.image_size", vq.image_size,
            f"must be divisible by the VQ downsampling factor {down}.")
     _check(vq.codebook_size > 0, "model.vq.codebook_size", vq.codebook_size, "must be positive.")
+    from unimm_jax.models.vq import ENCODER_CONTEXTS
+
+    _check(vq.get("encoder_context", "global") in ENCODER_CONTEXTS, "model.vq.encoder_context",
+           vq.get("encoder_context"), f"must be one of {ENCODER_CONTEXTS}.")
     toks = m.tokens
     for name in ("image_token_id", "boi_token_id", "pad_token_id", "bos_token_id"):
         _check(0 <= toks[name] < llm.vocab_size, f"model.tokens.{name}", toks[name],

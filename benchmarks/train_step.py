@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import statistics
 import tempfile
@@ -307,6 +308,11 @@ def main():
     config.model.vq.base_channels = max(32, config.model.vq.base_channels)
     config.model.vq.norm_groups = 32
     config.model.vq.encoder_context = "global"
+    config.model.vq.num_res_blocks = max(1, config.model.vq.num_res_blocks)
+    # ... and transformers' Janus places one understanding token per VQ code: match the grids.
+    from unimm_jax.models.janus_config import num_image_tokens
+
+    config.model.vision.patch_size = config.model.vision.image_size // math.isqrt(num_image_tokens(config.model))
     batch = understanding_batch(config.model, args.batch, args.seq)
     tokens = args.batch * args.seq
     peak = matmul_peak()

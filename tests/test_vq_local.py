@@ -73,7 +73,7 @@ def test_local_encoder_has_no_attention_and_bad_context_is_named():
         _latents(_vq("nearby", 64), images)
 
 
-def test_local_vq_saves_as_unimm_and_refuses_reference_formats(tmp_path):
+def test_vqs_the_reference_cannot_build_save_as_unimm_only(tmp_path):
     m = tiny_model()
     m.vq.encoder_context = "local"
     model = JanusModel(m, _params(m))
@@ -86,6 +86,11 @@ def test_local_vq_saves_as_unimm_and_refuses_reference_formats(tmp_path):
         with pytest.raises(CheckpointError, match=f"the {name} VQ has no such encoder.*format='unimm'"):
             uj.save_pretrained(model, str(tmp_path / fmt), format=fmt)
         assert not (tmp_path / fmt).exists()
+    m.vq.encoder_context, m.vq.num_res_blocks = "global", 0  # the shapes world's VQ has no res blocks
+    model = JanusModel(m, _params(m))
+    for fmt, name in (("hf", "transformers"), ("deepseek", "DeepSeek")):
+        with pytest.raises(CheckpointError, match=f"num_res_blocks=0: the {name} VQ needs at least one res block"):
+            uj.save_pretrained(model, str(tmp_path / fmt), format=fmt)
 
 
 def test_tokenizer_trained_before_the_option_loads_as_global(tmp_path):

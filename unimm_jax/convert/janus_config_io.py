@@ -152,10 +152,14 @@ def _scalar(v):
 
 
 def _check_reference_vq(vq: ml_collections.ConfigDict, fmt: str) -> None:
-    """The reference VQ-16 has an encoder with global context; a local one cannot be written."""
+    """VQs the reference code cannot build: a local encoder, or no res blocks (its encoder then
+    expects base_channels * channel_multiplier[-2] channels at the mid block, which no layer makes)."""
     if vq.get("encoder_context", "global") != "global":
         raise CheckpointError(f"model.vq.encoder_context={vq.encoder_context!r}: the {fmt} VQ has no such encoder "
                               f"(its encoder attends over the whole image); save this model with format='unimm'.")
+    if vq.num_res_blocks < 1:
+        raise CheckpointError(f"model.vq.num_res_blocks={vq.num_res_blocks}: the {fmt} VQ needs at least one res "
+                              f"block per level to build its encoder; save this model with format='unimm'.")
 
 
 def hf_config_from(m: ml_collections.ConfigDict, dtype: str) -> tuple[dict, dict]:

@@ -5,13 +5,14 @@
 does everything: builds the shapes world into W/data, trains the VQ tokenizer into W/tokenizer
 (unless tokenizer.checkpoint names one), pretrains the SigLIP tower on caption concepts into
 W/vision (config.vision_pretrain; Janus starts from a pretrained SigLIP), trains the unified model
-(understanding : text : generation = 3 : 1 : 4, an understanding example being a 4-question
-dialogue; Janus-Pro stage 2: SigLIP and VQ frozen), exports W/model (unimm format +
-tokenizer.json), evaluates into W/eval.json and writes W/samples.png.
+(understanding : text : generation = 3 : 1 : 4, an understanding example being a dialogue
+of up to 4 questions, none answerable from the earlier answers; Janus-Pro stage 2: SigLIP and
+VQ frozen), exports W/model (unimm format + tokenizer.json), evaluates into W/eval.json and
+writes W/samples.png.
 Measured figures (time, accuracy per kind) and what each choice bought are in
 benchmarks/RESULTS.md ("Default job"); the accuracy targets are not met.
 
-Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23):
+Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23 and 2026-12-06):
 - VQ: 8x downsampling (64 codes per image, codebook 128 x 8), 8-channel levels with no encoder
   res blocks (~4x cheaper per step than 16 channels), a local encoder (vq.encoder_context: no
   attention, per-pixel norms, so an object's codes do not change with what else is in the
@@ -26,10 +27,10 @@ Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23):
   with all 18 concepts right (0.694 with 1200 steps of 128 images, the same images and time),
   96% of tokens with all their concepts right, and the LLM's attention can read each token's
   objects.
-- LLM 500 steps (the whole job ran 19.3 min from a clean clone at d3f554f, its first 9 minutes
-  sharing the cores with the test suite; 650 steps ran 18.3-20.5 min before). Hidden 192, 3
+- LLM 500 steps (the whole job ran 16.9 min from a clean clone at 0cfd15e on the idle machine,
+  19.3 min at d3f554f with the test suite sharing the cores for 9 of them). Hidden 192, 3
   layers, 6 heads of 32 (3 of 64 before: the same FLOPs), lr 1e-3 (3e-3 washed the image information out of the answer position; 2e-3 with the
-  current tower scored 0.68 against 0.78); loss = weighted mean of per-task means (train.task_weights, understanding
+  session-8 tower scored 0.68 against 0.78); loss = weighted mean of per-task means (train.task_weights, understanding
   weighted 2); gen_embed starts from the VQ's code vectors (train.gen_embed_from_vq).
 """
 import ml_collections
@@ -99,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 weight_decay=0.05, clip_norm=1.0)
     # Janus-Pro stage 2 (all but the encoders): the pretrained SigLIP stays frozen, as Janus-Pro
     # keeps it in stage 2; training it with the LLM learned understanding more slowly (0.64 vs 0.68).
-    # 3:1:4 rather than Janus-Pro's 5:1:4: an understanding example is a 4-question dialogue.
+    # 3:1:4 rather than Janus-Pro's 5:1:4: an understanding example is a dialogue of up to 4 questions.
     config.stage = stage_config(2, mixture=(3, 1, 4))
     # Task-mean loss: a one-word answer has ~2 loss tokens next to a generation example's 65.
     config.train = train_block(num_steps=500, log_every=10, checkpoint_every=100, eval_every=0,

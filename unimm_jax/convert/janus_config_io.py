@@ -13,6 +13,7 @@ import ml_collections
 
 from unimm_jax.convert.safetensors_io import CheckpointError
 from unimm_jax.models.janus_config import janus_model_config, validate_janus_config
+from unimm_jax.models.vq import encoder_is_local
 
 # DeepSeek names fixed architectures; anything else we export carries explicit sizes.
 SIGLIP_PRESETS = {"siglip_large_patch16_384": dict(vision_hidden=1024, vision_layers=24, vision_heads=16, patch_size=16, image_size=384)}
@@ -154,7 +155,7 @@ def _scalar(v):
 def _check_reference_vq(vq: ml_collections.ConfigDict, fmt: str) -> None:
     """VQs the reference code cannot build: a local encoder, or no res blocks (its encoder then
     expects base_channels * channel_multiplier[-2] channels at the mid block, which no layer makes)."""
-    if vq.get("encoder_context", "global") != "global":
+    if encoder_is_local(vq):
         raise CheckpointError(f"model.vq.encoder_context={vq.encoder_context!r}: the {fmt} VQ has no such encoder "
                               f"(its encoder attends over the whole image); save this model with format='unimm'.")
     if vq.num_res_blocks < 1:

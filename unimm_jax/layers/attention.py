@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "splash", "cudnn")
+_MASKED = -1e30  # additive logit bias of a masked key (float32)
 
 
 def make_attention_mask(
@@ -43,21 +44,30 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | No
 
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: bool [B, 1, T, S] or None -> [B, T, Hq, D].
     Fully masked rows (padding queries) return zeros instead of NaN.
+
+    Written for XLA:CPU, where the [B, H, T, S] scores are the cost (measured on a packed
+    16 x 256 batch, forward + backward: 75 -> 55 ms): q is scaled before the product, the mask is
+    an additive bias that fuses into the softmax (-1e30 stays finite when added, so a fully
+    masked row gets uniform weights, zeroed afterwards on the [B, T] output, not on the scores),
+    and without grouping (Hq == Hkv) the einsums stay 4-D: the grouped 5-D form is ~40% slower.
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    group = hq // hkv
-    qg = q.reshape(b, t, hkv, group, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (d**-0.5)
+    q = q * jnp.asarray(d**-0.5, q.dtype)
+    bias = None if mask is None else jnp.where(mask, 0.0, _MASKED)  # [B, 1, T, S] float32
+    if hq == hkv:
+        logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits if bias is None else logits + bias, axis=-1)
+        out = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    else:
+        qg = q.reshape(b, t, hkv, hq // hkv, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits if bias is None else logits + bias[:, :, None], axis=-1)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        out = out.reshape(b, t, hq, d)
     if mask is not None:
-        m = mask[:, :, None, :, :]  # [B, 1, 1, T, S] broadcast over kv heads and groups
-        logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        weights = jnp.where(m, weights, 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, hq, d).astype(q.dtype)
+        out = out * jnp.any(mask, axis=-1)[:, 0, :, None, None]
+    return out.astype(q.dtype)
 
 
 def resolve_impl(impl: str, seq_len: int) -> str:

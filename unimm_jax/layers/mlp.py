@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from unimm_jax.layers.linear import linear, linear_dot_general
+
 _init = nn.initializers.normal(0.02)
 
 
@@ -14,6 +16,7 @@ def dense(features: int, names: tuple[str, str], name: str, use_bias: bool = Tru
         features,
         use_bias=use_bias,
         dtype=dtype,
+        dot_general=linear_dot_general,
         kernel_init=nn.with_logical_partitioning(_init, names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-1:]),
         name=name,
@@ -40,9 +43,7 @@ class HeadsDense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[-self.n_in:]
         kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.names), (*in_shape, *self.features))
-        letters = "abcdefgh"
-        ins, outs = letters[: self.n_in], letters[self.n_in : self.n_in + len(self.features)]
-        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+        y = linear(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), self.n_in)
         if self.use_bias:
             bias_names = self.names[self.n_in:]
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, bias_names), self.features)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from unimm_jax.layers.linear import linear_dot_general
+
 Dtype = Any
 
 _CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
@@ -28,6 +30,7 @@ _CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 def _dense(features: int, axes: tuple[str, str], name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(
         features,
+        dot_general=linear_dot_general,
         use_bias=use_bias,
         dtype=dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),

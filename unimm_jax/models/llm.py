@@ -20,6 +20,7 @@ from flax import linen as nn
 
 from unimm_jax.kernels.residuals import RESIDUAL_NAMES
 from unimm_jax.layers import attention as attn_lib
+from unimm_jax.layers.linear import linear_dot_general
 from unimm_jax.layers.mlp import HeadsDense
 from unimm_jax.layers.norms import RMSNorm
 from unimm_jax.layers.rope import apply_rope, rope_frequencies
@@ -46,6 +47,7 @@ def _dense(features, names, use_bias, name, dtype):
         features=features,
         use_bias=use_bias,
         dtype=dtype,
+        dot_general=linear_dot_general,
         kernel_init=nn.with_logical_partitioning(_init, names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[-n_out:]),
         name=name,

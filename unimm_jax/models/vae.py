@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from unimm_jax.layers.linear import linear_dot_general
+
 Dtype = Any
 
 CONFIG_NAME = "config.json"
@@ -148,6 +150,7 @@ def _dense(features: int, name: str, dtype: Dtype) -> nn.Dense:
     # Attention projections act per pixel, like 1x1 convs, so they share the conv axis names.
     return nn.Dense(
         features,
+        dot_general=linear_dot_general,
         dtype=dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_in", "conv_out")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),

@@ -27,8 +27,8 @@ Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23 and 2026
   with all 18 concepts right (0.694 with 1200 steps of 128 images, the same images and time),
   96% of tokens with all their concepts right, and the LLM's attention can read each token's
   objects.
-- LLM 500 steps (the whole job ran 16.9 min from a clean clone at 0cfd15e on the idle machine,
-  19.3 min at d3f554f with the test suite sharing the cores for 9 of them). Hidden 192, 3
+- LLM 900 steps at ~0.6 s/step (layers unrolled; the CPU step is 1.76x faster since
+  2026-12-06, see benchmarks/RESULTS.md "Training step"; 500 steps at 1.1 s/step before). Hidden 192, 3
   layers, 6 heads of 32 (3 of 64 before: the same FLOPs), lr 1e-3 (3e-3 washed the image information out of the answer position; 2e-3 with the
   session-8 tower scored 0.68 against 0.78); loss = weighted mean of per-task means (train.task_weights, understanding
   weighted 2); gen_embed starts from the VQ's code vectors (train.gen_embed_from_vq).
@@ -104,7 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 3:1:4 rather than Janus-Pro's 5:1:4: an understanding example is a dialogue of up to 4 questions.
     config.stage = stage_config(2, mixture=(3, 1, 4))
     # Task-mean loss: a one-word answer has ~2 loss tokens next to a generation example's 65.
-    config.train = train_block(num_steps=500, log_every=10, checkpoint_every=100, eval_every=0,
+    config.train = train_block(num_steps=900, log_every=10, checkpoint_every=100, eval_every=0,
                                task_weights=dict(understanding=2.0, text=0.25, generation=1.0),
                                gen_embed_from_vq=True)
     config.eval = dict(num_understanding=200, num_generation=120, cfg_weight=3.0, temperature=1.0,

@@ -60,7 +60,7 @@ def shapes_model(**overrides) -> ml_collections.ConfigDict:
     # kept their code only 57% of the time when another object was added elsewhere (0.999 local).
     m.vq.encoder_context = "local"
     m.gen_head.hidden_size = m.llm.hidden_size
-    m.llm.scan_layers = False  # 3 layers: unrolled, XLA:CPU's step is ~10% faster (no loop slicing)
+    m.llm.scan_layers = False  # 3 layers: unrolled, XLA:CPU's step is ~16% faster (940 -> 790 ms; no loop slicing)
     return m
 
 

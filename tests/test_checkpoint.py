@@ -36,9 +36,8 @@ def _params(seed=0):
 
 
 def _tx(params):
-    # Freezing + accumulation: the opt_state holds MaskedNodes, EmptyStates and counters.
-    cfg = default_config(learning_rate=1e-2, warmup_steps=1, weight_decay=0.1, clip_norm=1.0,
-                         grad_accum_steps=2)
+    # Freezing: the opt_state holds MaskedNodes, EmptyStates and counters.
+    cfg = default_config(learning_rate=1e-2, warmup_steps=1, weight_decay=0.1, clip_norm=1.0)
     return make_optimizer(cfg, params, stage_trainable({"frozen": ["vision"]}), total_steps=100)
 
 
@@ -112,8 +111,8 @@ def test_restore_onto_a_different_mesh(tmp_path):
     # The Adam moment of a param follows that param's sharding.
     shardings = state_shardings(abstract)
     mu = [s for s in jax.tree.leaves(shardings) if s.spec == P("fsdp", "tensor")]
-    # Both kernels, plus the aligner kernel's mu, nu and accumulator (vision is frozen: none).
-    assert len(mu) == 2 + 3
+    # Both kernels, plus the aligner kernel's mu and nu (vision is frozen: none).
+    assert len(mu) == 2 + 2
 
 
 def _dataset():

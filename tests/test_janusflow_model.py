@@ -176,6 +176,28 @@ def test_a_few_steps_lower_the_loss(tiny):
     assert probe(state.params) < 0.8 * before
 
 
+@pytest.mark.slow
+def test_accumulated_flow_step_averages_the_micro_batches(tiny):
+    """grad_accum_steps=2: the update is the mean of the two micro-batches' (rows 0::2, 1::2)
+    losses and gradients, micro-batch j drawing with fold_in(the step's key, j)."""
+    cfg, params, batch = tiny
+    module, tx = JanusFlow(cfg), optax.sgd(1.0)
+    state = TrainState.create(params, tx, jax.random.key(5))
+    new, metrics = jax.jit(functools.partial(flow_train_step, module=module, tx=tx, grad_accum_steps=2))(state, batch)
+    _, (key,) = state.split_rng(1)
+
+    def mean_loss(p):
+        return sum(flow_training_loss(module, p, {k: v[j::2] for k, v in batch.items()},
+                                      jax.random.fold_in(key, j))[0] for j in range(2)) / 2
+
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-5)
+    want = jax.tree.map(lambda p, g: p - g, params, grads)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert int(new.step) == 1
+
+
 def test_space_to_depth_latents_round_trip():
     cfg = tiny_janusflow_config(latent_kind="space_to_depth", latent_channels=192)
     validate_janusflow_config(cfg)

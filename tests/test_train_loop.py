@@ -107,6 +107,11 @@ def test_config_mesh_and_batch_errors(tmp_path):
     c = tiny_train_config(mesh=(4, 2, 1), batch=12)
     with pytest.raises(ValueError, match="batch_size=12 does not divide over the mesh's 8 batch shards"):
         loop.Trainer(c, tmp_path)
+    c = tiny_train_config(mesh=(4, 2, 1), batch=8)
+    c.optim.grad_accum_steps = 2  # 8 rows over 8 shards: one row each, not two micro-batches
+    with pytest.raises(ValueError, match="batch_size=8 must split into optim.grad_accum_steps=2 micro-batches "
+                                         "over the mesh's 8 batch shards; use a multiple of 16"):
+        loop.Trainer(c, tmp_path)
     c = tiny_train_config()
     c.train.not_a_field = 1
     with pytest.raises(ValueError, match=r"config.train has unknown field\(s\) \['not_a_field'\]"):

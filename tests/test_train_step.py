@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from unimm_jax.losses import cross_entropy_loss
@@ -181,3 +182,46 @@ def test_task_weight_vector_orders_and_checks():
         loop.task_weight_vector({"captions": 1})
     with pytest.raises(ValueError, match="positive sum"):
         loop.task_weight_vector({"text": 0})
+
+
+def _fake_token_losses(monkeypatch):
+    """per_token_losses -> ce = (w_task * x)^2 per token, a function of params and the batch's "x"."""
+    def fake(module, params, batch):
+        ce = jnp.square(params["w"][batch["task_ids"]] * batch["x"])
+        return ce, jnp.zeros_like(ce)
+
+    monkeypatch.setattr(step_lib, "per_token_losses", fake)
+
+
+@pytest.mark.parametrize("task_weights", [None, (2.0, 0.25, 1.0)])
+def test_accumulated_step_is_the_whole_batch_step(monkeypatch, task_weights):
+    """grad_accum_steps k: the k micro-batches' summed gradients, normalised by the whole batch's
+    token counts, give exactly the whole batch's loss, gradient and update, also when the
+    micro-batches hold different numbers of loss tokens per task (where a mean of micro-batch
+    means, the old accumulation, is off: checked below so the test can tell them apart)."""
+    _fake_token_losses(monkeypatch)
+    rng = np.random.RandomState(0)
+    b, t = 8, 6
+    task = rng.randint(0, 3, (b, t)).astype(np.int32)
+    task[::2, :] = 2  # micro-batch 0 of k=2 (rows 0, 2, ...) is all generation
+    mask = (rng.uniform(size=(b, t)) < 0.7).astype(np.float32)
+    mask[::2, 3:] = 0  # ... and holds fewer loss tokens, with smaller losses
+    x = rng.normal(size=(b, t)).astype(np.float32) * np.where(np.arange(b) % 2, 2.0, 0.5)[:, None]
+    batch = {"loss_mask": mask, "task_ids": task, "x": x}
+    params = {"w": jnp.asarray([0.5, -1.5, 2.0], jnp.float32)}
+    tx = optax.sgd(0.1)
+    run = jax.jit(lambda s, bt, k: step_lib.train_step(s, bt, module=None, tx=tx, grad_accum_steps=k,
+                                                       task_weights=task_weights), static_argnums=2)
+    state = TrainState.create(params, tx, jax.random.key(0))
+    whole, m1 = run(state, batch, 1)
+    for k in (2, 4):
+        acc, mk = run(state, batch, k)
+        for key in ("loss", "grad_norm", "tokens", "loss/understanding", "loss/generation"):
+            np.testing.assert_allclose(float(mk[key]), float(m1[key]), rtol=1e-6, err_msg=f"k={k} {key}")
+        np.testing.assert_allclose(np.asarray(acc.params["w"]), np.asarray(whole.params["w"]), rtol=1e-6)
+        assert int(acc.step) == int(whole.step) == 1
+
+    # The micro-batches' own means (rows j::2) average to something else: the test discriminates.
+    micro_means = [float(step_lib.batch_loss(None, params, {k: v[j::2] for k, v in batch.items()}, task_weights)[0])
+                   for j in range(2)]
+    assert abs(np.mean(micro_means) - float(m1["loss"])) > 0.1 * float(m1["loss"]), (micro_means, float(m1["loss"]))

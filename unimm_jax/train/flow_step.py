@@ -27,6 +27,7 @@ from flax import linen as nn
 
 from unimm_jax.models.janusflow import JanusFlow, check_flow_batch, flow_training_loss, images_to_latents
 from unimm_jax.models.janusflow_config import latent_grid, num_understanding_tokens, validate_janusflow_config
+from unimm_jax.train.accumulate import accumulated_value_and_grad
 
 
 def _init_fn(model_cfg):
@@ -98,17 +99,25 @@ def check_flow_train_batch(batch: Mapping[str, np.ndarray], model_cfg, *, batch_
 
 def flow_train_step(state, batch: Mapping[str, jax.Array], *, module: JanusFlow, tx: optax.GradientTransformation,
                     schedule: Callable | None = None, grad_accum_steps: int = 1):
-    """One micro-step on a flow batch: (new TrainState, metrics dict of float32 scalars).
+    """One optimizer update on a flow batch: (new TrainState, metrics dict of float32 scalars).
 
     The state's rng is advanced and split for t, the noise and the condition drop, so no key is
-    reused and a resumed run draws the same noise. A non-finite loss or gradient keeps the old state.
+    reused and a resumed run draws the same noise. grad_accum_steps k > 1 splits the rows into k
+    equal micro-batches (`train/accumulate.py`; micro-batch j draws with fold_in(key, j)); the
+    loss is a mean over rows, so the mean of the k micro-batch losses and gradients is the whole
+    batch's. A non-finite loss or gradient keeps the old state.
     """
-    lr_step = state.step // grad_accum_steps
+    k = grad_accum_steps
     state, (key,) = state.split_rng(1)
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: flow_training_loss(module, p, batch, key), has_aux=True)(state.params)
+
+    def micro_loss(p, mb, j):
+        loss, aux = flow_training_loss(module, p, mb, key if k == 1 else jax.random.fold_in(key, j))
+        return loss / k, jax.tree.map(lambda a: a / k, aux)
+
+    (loss, aux), grads = accumulated_value_and_grad(micro_loss, state.params, batch, k)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    lr_step = state.step
     state = state.apply_gradients_if(ok, grads, tx)
     metrics = {**aux, "grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32)}
     if schedule is not None:

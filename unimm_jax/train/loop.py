@@ -2,7 +2,7 @@
 
     mesh      = make_mesh(**config.mesh)                 -1 fills the rest; rules in config.sharding
     params    = sharded init (or resumed)                fp32 master weights, fsdp/tensor sharded
-    tx        = make_optimizer(config.optim, stage)      AdamW, warmup-cosine, clip, decay mask, accum
+    tx        = make_optimizer(config.optim, stage)      AdamW, warmup-cosine, clip, decay mask
     for step: state, metrics = jit(train_step)(state, global batch)   explicit in/out shardings
               metrics -> W/metrics.jsonl (+ TensorBoard); checkpoint every N (async, keep-N,
               with the Grain iterator); SIGTERM/SIGINT -> save and return cleanly
@@ -78,12 +78,12 @@ def stage_config(n: int, mixture: tuple[int, int, int] = (5, 1, 4)) -> ml_collec
 def train_block(**overrides) -> ml_collections.ConfigDict:
     """`config.train` with defaults; every field is documented inline."""
     cfg = dict(
-        num_steps=100,  # optimizer updates (micro-steps = num_steps * optim.grad_accum_steps)
-        log_every=10,  # micro-steps between metrics.jsonl lines
-        checkpoint_every=100,  # micro-steps between checkpoints (the last step always saves)
+        num_steps=100,  # optimizer updates, each on data.batch_size rows (in optim.grad_accum_steps micro-batches)
+        log_every=10,  # updates between metrics.jsonl lines
+        checkpoint_every=100,  # updates between checkpoints (the last step always saves)
         keep_checkpoints=3,
         async_checkpoints=True,
-        eval_every=0,  # micro-steps between periodic evaluations (0: only at the end)
+        eval_every=0,  # updates between periodic evaluations (0: only at the end)
         max_consecutive_skips=5,  # NaN/inf steps tolerated in a row before stopping with an error
         progress_bar=True,
         tensorboard=True,
@@ -320,7 +320,12 @@ class Trainer:
                 f"{n_shards} batch shards (mesh {dict(self.mesh.shape)}); use a multiple of {n_shards}.")
         self.local_divisor = max(1, n_shards // jax.process_count())
         self.accum = int(config.optim.get("grad_accum_steps", 1))
-        self.total_micro = int(config.train.num_steps) * self.accum
+        if config.data.batch_size % (n_shards * self.accum):
+            raise ValueError(
+                f"data.batch_size={config.data.batch_size} must split into optim.grad_accum_steps="
+                f"{self.accum} micro-batches over the mesh's {n_shards} batch shards; use a multiple "
+                f"of {n_shards * self.accum}.")
+        self.total_steps = int(config.train.num_steps)
         # Init runs outside the logical-rules context: flax would otherwise apply activation
         # constraints to the boxed params; placement comes from out_shardings instead.
         params, self.param_shardings = self.hooks["init_params"](config.model, self.mesh, self.rules, config.seed)
@@ -363,7 +368,7 @@ class Trainer:
         return total, sum(s for s, m in zip(jax.tree.leaves(sizes), jax.tree.leaves(mask)) if m)
 
     def step(self, local_batch: dict):
-        """One checked micro-step on a per-process batch; returns the metrics (device scalars)."""
+        """One checked update on a per-process batch; returns the metrics (device scalars)."""
         self.hooks["check_batch"](local_batch, self.config.model, batch_divisor=self.local_divisor)
         with self._ctx():
             self.state, metrics = self.step_fn(self.state, global_batch(local_batch, self.batch_sharding))
@@ -409,9 +414,9 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_iter=None, image_e
     workdir gets ckpt/ (orbax), metrics.jsonl, tb/. `data_iter` overrides the configured data
     (it must be a checkpointable Grain iterator); `init_params_fn(params) -> params` patches the
     freshly initialised params (e.g. to load the trained VQ); `evaluate_fn(trainer, step)` runs
-    every train.eval_every micro-steps and may return {"scalars": {...}, "images": {...}} for
+    every train.eval_every updates and may return {"scalars": {...}, "images": {...}} for
     metrics.jsonl / TensorBoard at that step; `devices` restricts the mesh; `stop_at` ends the run
-    after that micro-step as a preemption would (save, return). Returns {"step",
+    after that update as a preemption would (save, return). Returns {"step",
     "stopped_early", "last": last logged metrics, "trainer"}.
     """
     t_cfg = config.train
@@ -432,13 +437,13 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_iter=None, image_e
     if t_cfg.progress_bar and jax.process_index() == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=trainer.total_micro, initial=start, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=trainer.total_steps, initial=start, desc="train", dynamic_ncols=True)
     step, skips, stopped, last = start, 0, False, {}
     tokens_per_step = config.data.batch_size * config.data.seq_len
     t0, n0 = time.perf_counter(), step
     try:
         with ckpt.preemption_guard():
-            while step < trainer.total_micro:
+            while step < trainer.total_steps:
                 metrics = trainer.step(next(data_iter))
                 skipped = float(metrics["skipped"]) > 0  # one host sync per step: the NaN guard
                 if skipped:
@@ -456,7 +461,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_iter=None, image_e
                 step = int(trainer.state.step)
                 if bar is not None:
                     bar.update(1)
-                if step % t_cfg.log_every == 0 or step == trainer.total_micro:
+                if step % t_cfg.log_every == 0 or step == trainer.total_steps:
                     dt = time.perf_counter() - t0
                     last = _log_line(metrics, dt / max(step - n0, 1), tokens_per_step)
                     logger.write(step, last)
@@ -465,7 +470,7 @@ def train(config: ml_collections.ConfigDict, workdir, *, data_iter=None, image_e
                     t0, n0 = time.perf_counter(), step
                 ckpt.save(step, trainer.state, data_iter)
                 if evaluate_fn is not None and t_cfg.eval_every and step % t_cfg.eval_every == 0 \
-                        and step < trainer.total_micro:
+                        and step < trainer.total_steps:
                     _log_eval(logger, step, evaluate_fn(trainer, step))
                     t0 = time.perf_counter()
                 if ckpt.stop_requested(step) or (stop_at is not None and step >= stop_at):

@@ -1,4 +1,4 @@
-"""Optimizer: AdamW + warmup/cosine schedule + clipping + decay mask + stage freezing + accumulation.
+"""Optimizer: AdamW + warmup/cosine schedule + clipping + decay mask + stage freezing.
 
 One function builds the whole `optax.GradientTransformation` from the `optim` config block:
 
@@ -10,11 +10,9 @@ The chain, innermost first:
                                          effective clip bound);
   2. `adamw(schedule, b1, b2, eps, weight_decay, mask=decay_mask)`   decoupled weight decay,
                                          multiplied by the learning rate as in PyTorch's AdamW;
-  3. `MultiSteps(every_k_schedule=grad_accum_steps)`   gradient accumulation (mean of k micro-batch
-                                         gradients), only when grad_accum_steps > 1;
-  4. `multi_transform({"trainable": 1-3, "frozen": set_to_zero()})`   only when some params are
+  3. `multi_transform({"trainable": 1-3, "frozen": set_to_zero()})`   only when some params are
                                          frozen: frozen params get zero updates, and since they are
-                                         masked out of 1-3, no Adam moments or accumulators either.
+                                         masked out of 1-2, no Adam moments either.
 
 Weight-decay rule (on parameter paths, "/".join of the pytree keys):
   a leaf is decayed iff it has ndim >= 2, its last path component is not `bias` or `scale`, and
@@ -31,10 +29,10 @@ error (it is almost always a typo).
 Master weights: params are kept in float32 and this optimizer updates them in float32 (Adam
 moments take the params' dtype); the model casts to its compute dtype (bf16) inside `apply`.
 
-Steps: `tx.update` is called once per micro-batch. With accumulation the schedule advances once
-per *optimizer update*, so the learning rate in effect at micro-step s is
-`make_schedule(cfg, total_steps)(s // grad_accum_steps)`, and `total_steps` counts optimizer
-updates.
+Steps: `tx.update` is called once per optimizer update and `total_steps` counts updates.
+`optim.grad_accum_steps` is validated here but applied by the train step (`train/step.py`,
+`train/accumulate.py`): it sums the gradients of k micro-batches of one batch, normalised by the
+whole batch's token counts, and makes one update of this optimizer, so accumulation is exact.
 """
 from __future__ import annotations
 
@@ -61,7 +59,7 @@ OPTIM_FIELDS: dict[str, Any] = {
     "eps": 1e-8,
     "weight_decay": 0.0,  # decoupled; multiplied by the current learning rate
     "clip_norm": None,  # global-norm clip bound; None or 0 disables clipping
-    "grad_accum_steps": 1,  # micro-batches per optimizer update
+    "grad_accum_steps": 1,  # micro-batches per update, summed in the train step (train/accumulate.py)
     "no_decay": (),  # extra path patterns excluded from weight decay (e.g. "embed")
     "total_steps": None,  # optimizer updates in the schedule; or pass total_steps=
 }
@@ -341,8 +339,6 @@ def make_optimizer(
         learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=_by_path(decay_by_path, "weight-decay mask")))
     tx = optax.chain(*parts)
-    if cfg.grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps).gradient_transformation()
     if all(train_by_path.values()):
         return tx
     labels = {p: "trainable" if t else "frozen" for p, t in train_by_path.items()}

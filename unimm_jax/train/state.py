@@ -35,7 +35,7 @@ def _key_data(rng) -> jax.Array:
 @flax.struct.dataclass
 class TrainState:
     """Fields:
-      step:      int32 [] optimizer micro-steps taken (calls to `tx.update`).
+      step:      int32 [] optimizer updates taken (calls to `tx.update`).
       params:    nested dict of float32 arrays (the master weights).
       opt_state: optax state for `tx` (frozen params have none; see optimizer.py).
       rng:       uint32 raw PRNG key data ([2] for the default threefry impl); kept raw, not a

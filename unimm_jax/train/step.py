@@ -38,6 +38,7 @@ from unimm_jax.data.batch import TASKS, check_batch
 from unimm_jax.losses import token_cross_entropy
 from unimm_jax.models.janus import Janus
 from unimm_jax.models.janus_config import num_understanding_tokens
+from unimm_jax.train.accumulate import accumulated_value_and_grad
 
 # ---------------------------------------------------------------------------------------------
 # Forward pass and loss
@@ -107,14 +108,37 @@ def per_token_losses(module: Janus, params, batch) -> tuple[jax.Array, jax.Array
     return ce, (pred == tgt).astype(jnp.float32)
 
 
-def batch_loss(module: Janus, params, batch, task_weights=None) -> tuple[jax.Array, dict]:
+def task_token_counts(batch) -> jax.Array:
+    """Loss tokens per task, float32 [len(TASKS)]: the sum of `loss_mask` where `task_ids == t`."""
+    w = batch["loss_mask"].astype(jnp.float32)
+    return jnp.stack([jnp.sum(w * (batch["task_ids"] == i)) for i in range(len(TASKS))])
+
+
+def loss_coefficients(counts: jax.Array, task_weights=None) -> jax.Array:
+    """Per-task factors c [len(TASKS)] with loss = sum_t c_t * (CE sum of task t), float32.
+
+    counts: loss tokens per task of the batch the loss is a mean over (`task_token_counts`).
+    task_weights None: c_t = 1 / (all loss tokens), Janus' token-weighted mean. Otherwise
+    c_t = w_t / n_t / sum_s w_s over the tasks present (n > 0), the weighted mean of task means.
+    Linear in the CE sums, so micro-batches that use the whole batch's counts add up exactly.
+    """
+    counts = jnp.asarray(counts, jnp.float32)
+    if task_weights is None:
+        return jnp.broadcast_to(1.0 / jnp.maximum(jnp.sum(counts), 1.0), counts.shape)
+    tw = jnp.where(counts > 0, jnp.asarray(task_weights, jnp.float32), 0.0)
+    return tw / jnp.maximum(counts, 1.0) / jnp.maximum(jnp.sum(tw), 1e-9)
+
+
+def batch_loss(module: Janus, params, batch, task_weights=None, counts=None) -> tuple[jax.Array, dict]:
     """Mean CE over the batch (float32 scalar) and an aux dict of sums/counts.
 
     task_weights: None (Janus' token-weighted mean over all loss tokens), or one weight per task
     in TASKS order: the loss is then sum_t w_t * mean_t / sum_t w_t over the tasks present in
     the batch, so a task whose examples carry few loss tokens (one-word answers next to 576 or
-    64 image codes) still gets its share of the gradient. With gradient accumulation the task
-    means are per micro-batch.
+    64 image codes) still gets its share of the gradient.
+    counts: loss tokens per task of the batch the mean is over (`task_token_counts`); None = this
+    batch's own. A micro-batch given its whole batch's counts returns its exact share of the
+    whole batch's loss (`train/accumulate.py`).
     aux: "ce_sum/<task>", "tokens/<task>", "correct/<task>" (float32 scalars) for each task in
     TASKS; sums, not means, so callers can combine them over steps without bias.
     """
@@ -126,14 +150,10 @@ def batch_loss(module: Janus, params, batch, task_weights=None) -> tuple[jax.Arr
         aux[f"ce_sum/{task}"] = jnp.sum(ce * wt)
         aux[f"tokens/{task}"] = jnp.sum(wt)
         aux[f"correct/{task}"] = jnp.sum(correct * wt)
-    if task_weights is None:
-        loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
-    else:
-        tw = jnp.asarray(task_weights, jnp.float32)
-        n = jnp.stack([aux[f"tokens/{t}"] for t in TASKS])
-        means = jnp.stack([aux[f"ce_sum/{t}"] for t in TASKS]) / jnp.maximum(n, 1.0)
-        tw = jnp.where(n > 0, tw, 0.0)
-        loss = jnp.sum(tw * means) / jnp.maximum(jnp.sum(tw), 1e-9)
+    if counts is None:
+        counts = jnp.stack([aux[f"tokens/{t}"] for t in TASKS])
+    coef = loss_coefficients(counts, task_weights)
+    loss = jnp.sum(coef * jnp.stack([aux[f"ce_sum/{t}"] for t in TASKS]))
     return loss, aux
 
 
@@ -155,20 +175,25 @@ def summarize(aux: Mapping[str, jax.Array]) -> dict:
 
 def train_step(state, batch, *, module: Janus, tx: optax.GradientTransformation,
                schedule: Callable | None = None, grad_accum_steps: int = 1, task_weights=None):
-    """One micro-step: gradients of `batch_loss`, `tx.update` (accumulating when configured).
+    """One optimizer update: gradients of `batch_loss` over the batch, then `tx.update`.
 
-    task_weights: see `batch_loss` (None = token-weighted mean).
+    grad_accum_steps k > 1: the batch's rows are split into k micro-batches whose gradients are
+    summed in a scan (`train/accumulate.py`); each micro-batch's loss is normalised by the whole
+    batch's token counts, so the update is exactly the whole batch's (not a mean of micro-batch
+    means). task_weights: see `batch_loss` (None = token-weighted mean).
     state: `TrainState`; batch: dict of arrays per the contract (global batch, sharded).
     Returns (new state, metrics) where metrics holds float32 scalars: loss, loss/<task>,
-    accuracy/<task>, tokens, grad_norm, lr (the rate of the optimizer update this micro-step
-    feeds), skipped (1.0 when the NaN guard dropped the update).
+    accuracy/<task>, tokens, grad_norm, lr (the rate of this update), skipped (1.0 when the NaN
+    guard dropped the update).
     """
-    lr_step = state.step // grad_accum_steps  # the update this micro-step contributes to
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: batch_loss(module, p, batch, task_weights), has_aux=True)(state.params)
+    counts = task_token_counts(batch)
+    (loss, aux), grads = accumulated_value_and_grad(
+        lambda p, mb, j: batch_loss(module, p, mb, task_weights, counts=counts),
+        state.params, batch, grad_accum_steps)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Keep the old state on a non-finite step: params, moments, accumulators and the step.
+    # Keep the old state on a non-finite step: params, moments and the step.
+    lr_step = state.step
     state = state.apply_gradients_if(ok, grads, tx)
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": 1.0 - ok.astype(jnp.float32),
                **summarize(aux)}

@@ -3,6 +3,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -162,3 +163,18 @@ def test_train_vq_resumes_exactly(tmp_path):
     la = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "metrics.jsonl")]
     lb = [json.loads(l)["loss"] for l in open(tmp_path / "b" / "metrics.jsonl")]
     np.testing.assert_allclose(la, lb, rtol=1e-6)
+
+
+def test_unit_distance2_is_the_squared_distance_of_unit_rows():
+    rng = np.random.RandomState(0)
+    u = rng.normal(size=(5, 8)).astype(np.float32)
+    v = rng.normal(size=(3, 8)).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    want = ((u[:, None] - v[None]) ** 2).sum(-1)
+    got_np = vq_trainer.unit_distance2(u, v)
+    assert isinstance(got_np, np.ndarray)
+    np.testing.assert_allclose(got_np, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vq_trainer.unit_distance2(jnp.asarray(u), jnp.asarray(v))), want,
+                               rtol=1e-5, atol=1e-6)
+    assert (vq_trainer.unit_distance2(u, u).diagonal() >= 0).all()  # rounding never goes negative

@@ -71,6 +71,13 @@ def vq_train_block(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(cfg)
 
 
+def unit_distance2(u, v):
+    """|u_i - v_j|^2 = 2 - 2 u_i . v_j of L2-normalised rows u [n, d], v [m, d] -> [n, m]
+    (clipped at 0 against rounding); numpy in, numpy out, jax in, jax out."""
+    xp = np if isinstance(u, np.ndarray) and isinstance(v, np.ndarray) else jnp
+    return xp.maximum(0.0, 2.0 - 2.0 * u @ v.T)
+
+
 def constant_patch_loss(images, z):
     """Mean squared distance between the L2-normalised latents of every two different constant
     patches of the same colour in the batch: float32 scalar (0 when there are no such pairs).
@@ -89,7 +96,7 @@ def constant_patch_loss(images, z):
     unit = l2_normalize(z.reshape(-1, d).astype(jnp.float32))
     same = (jnp.abs(colour[:, None] - colour[None]).max(-1) < 1e-3) & const[:, None] & const[None]
     same = same & ~jnp.eye(same.shape[0], dtype=bool)  # pairs of two different patches
-    dist2 = jnp.maximum(0.0, 2.0 - 2.0 * unit @ unit.T)  # |u_i - u_j|^2 of unit vectors
+    dist2 = unit_distance2(unit, unit)
     return jnp.sum(jnp.where(same, dist2, 0.0)) / jnp.maximum(jnp.sum(same), 1)
 
 
@@ -144,14 +151,14 @@ def _restart_dead_codes(params, usage, z, rng, merge_distance: float = 0.0):
         for i in np.argsort(-usage, kind="stable"):  # most used first; each keeps its neighbourhood
             if dead[i]:
                 continue
-            if kept and np.sqrt(np.maximum(0.0, 2.0 - 2.0 * unit[kept] @ unit[i])).min() < merge_distance:
+            if kept and np.sqrt(unit_distance2(unit[kept], unit[i:i + 1])).min() < merge_distance:
                 dead[i] = True
             else:
                 kept.append(int(i))
     if not dead.any():
         return params, 0
     live = l2_normalize(jnp.asarray(book[~dead] if (~dead).any() else book))
-    d2 = np.asarray(jnp.maximum(0.0, 2.0 - 2.0 * jnp.max(z @ live.T, axis=1)))  # |z - c|^2 of unit vectors
+    d2 = np.asarray(unit_distance2(z, live)).min(axis=1)  # |z - nearest live code|^2
     p = d2 / d2.sum() if d2.sum() > 0 else None
     picks = z[rng.choice(z.shape[0], size=book.shape[0], p=p)]
     new = np.where(dead[:, None], picks, book)

@@ -10,7 +10,7 @@ The chain, innermost first:
                                          effective clip bound);
   2. `adamw(schedule, b1, b2, eps, weight_decay, mask=decay_mask)`   decoupled weight decay,
                                          multiplied by the learning rate as in PyTorch's AdamW;
-  3. `multi_transform({"trainable": 1-3, "frozen": set_to_zero()})`   only when some params are
+  3. `multi_transform({"trainable": 1-2, "frozen": set_to_zero()})`   only when some params are
                                          frozen: frozen params get zero updates, and since they are
                                          masked out of 1-2, no Adam moments either.
 

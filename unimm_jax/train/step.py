@@ -144,15 +144,14 @@ def batch_loss(module: Janus, params, batch, task_weights=None, counts=None) -> 
     """
     ce, correct = per_token_losses(module, params, batch)
     w = batch["loss_mask"].astype(jnp.float32)
+    own = task_token_counts(batch)
     aux = {}
     for i, task in enumerate(TASKS):
         wt = w * (batch["task_ids"] == i)
         aux[f"ce_sum/{task}"] = jnp.sum(ce * wt)
-        aux[f"tokens/{task}"] = jnp.sum(wt)
+        aux[f"tokens/{task}"] = own[i]
         aux[f"correct/{task}"] = jnp.sum(correct * wt)
-    if counts is None:
-        counts = jnp.stack([aux[f"tokens/{t}"] for t in TASKS])
-    coef = loss_coefficients(counts, task_weights)
+    coef = loss_coefficients(own if counts is None else counts, task_weights)
     loss = jnp.sum(coef * jnp.stack([aux[f"ce_sum/{t}"] for t in TASKS]))
     return loss, aux
 

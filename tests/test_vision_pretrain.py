@@ -115,6 +115,25 @@ def test_pretrain_vision_learns_writes_once_and_matches_janus_layout(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, again["params"], out["params"])
 
 
+def test_pretrain_vision_resumes_to_the_same_params(tmp_path):
+    """Stopped after 7 steps (a checkpoint every 5 plus the forced save at the stop), then re-run:
+    the same params and metrics as one run straight through; nothing is written to params/ early."""
+    d = _data(tmp_path)
+    pre = vp.vision_pretrain_block(num_steps=12, batch_size=8, learning_rate=3e-3, warmup_steps=2,
+                                   num_images=64, log_every=4, token_weight=1.0, checkpoint_every=5)
+    straight = vp.pretrain_vision(_vision_cfg(), pre, d, tmp_path / "straight")
+    first = vp.pretrain_vision(_vision_cfg(), pre, d, tmp_path / "resumed", stop_after=7)
+    assert first["stopped_early"] and first["params"] is None
+    assert not os.path.exists(tmp_path / "resumed" / vp.DONE_FILE)
+    assert not os.path.exists(tmp_path / "resumed" / vp.PARAMS_DIR)
+    resumed = vp.pretrain_vision(_vision_cfg(), pre, d, tmp_path / "resumed")
+    assert not resumed["stopped_early"] and resumed["metrics"] == straight["metrics"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 resumed["params"], straight["params"])
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [s for s in steps if s <= 12] == [4, 8, 12, 12]  # losses at 4 (first call), 8, 12; test metrics at 12
+
+
 def test_vision_stage_is_off_by_default_and_rejects_zero_steps(tmp_path):
     import ml_collections
     c = ml_collections.ConfigDict(dict(model=dict(vision=_vision_cfg()), data=default_data_config(), seed=0))

@@ -531,8 +531,9 @@ def _tokenizer_stage(config, workdir):
 
 
 def _vision_stage(config, workdir):
-    """The pretrained `vision` params (config.vision_pretrain, into W/vision), or None when the
-    config has no such stage or its num_steps is 0 (the tower then starts from its random init)."""
+    """`pretrain_vision`'s result (config.vision_pretrain, into W/vision): {"params", "metrics",
+    "stopped_early"}; None when the config has no such stage or its num_steps is 0 (the tower then
+    starts from its random init)."""
     pre = config.get("vision_pretrain")
     if pre is None or int(pre.get("num_steps", 0)) <= 0:
         return None
@@ -540,8 +541,9 @@ def _vision_stage(config, workdir):
 
     out = vision_pretrain.pretrain_vision(config.model.vision, pre, config.data, os.path.join(workdir, "vision"),
                                           seed=config.seed)
-    _sync("vision_pretrained")
-    return out["params"]
+    if not out["stopped_early"]:
+        _sync("vision_pretrained")
+    return out
 
 
 def _with_pretrained(params, subtrees):
@@ -609,9 +611,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     pretrained = {"vq": vq_params}
     if config.train.get("gen_embed_from_vq", False):
         pretrained["gen_embed"] = gen_embed_from_vq(vq_params)
-    vision_params = _vision_stage(config, workdir)
-    if vision_params is not None:
-        pretrained["vision"] = vision_params
+    vision = _vision_stage(config, workdir)
+    if vision is not None and vision["stopped_early"]:  # preempted: re-running the command resumes it
+        return {"step": 0, "stopped_early": True, "stage": "vision", "last": {}}
+    if vision is not None:
+        pretrained["vision"] = vision["params"]
 
     def periodic_eval(trainer, step):  # a small eval + sample grid into W/eval/step_<N>/
         from unimm_jax.api import JanusModel

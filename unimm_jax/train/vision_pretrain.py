@@ -22,7 +22,10 @@ to read the image tokens (measured in benchmarks/RESULTS.md, "Default job").
 
 Output: `W/vision/params` (the `vision` subtree of the Janus params, orbax) and
 `W/vision/metrics.jsonl`; `pretrain_vision` is a no-op when the params are already there, and
-the params are written only when the stage has finished (an interrupted stage reruns).
+the params are written only when the stage has finished. Every `checkpoint_every` steps the
+probe's params and optimizer state go to `W/vision/ckpt`, so an interrupted stage (SIGTERM /
+SIGINT save first) resumes from its last checkpoint and ends with the same params as a run
+straight through.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ def vision_pretrain_block(**overrides) -> ml_collections.ConfigDict:
         warmup_steps=30,
         num_images=12000,  # train-split images held in memory (uint8) and sampled from
         token_weight=0.0,  # weight of the per-token concept loss (0 = pooled concepts only)
+        checkpoint_every=500,  # steps between resumable checkpoints in <vision dir>/ckpt
         log_every=100,
     )
     cfg.update(overrides)
@@ -167,18 +171,24 @@ def _load_split(data_cfg, split: str, n: int, patch_size: int):
     return (images, *concept_targets(captions), *token_concept_targets(images, captions, patch_size))
 
 
-def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) -> dict:
-    """Trains the SigLIP tower into `out_dir` (see module doc); returns {"params", "metrics"}.
+def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0,
+                    stop_after: int | None = None) -> dict:
+    """Trains the SigLIP tower into `out_dir` (see module doc); returns {"params", "metrics",
+    "stopped_early"}.
 
     vision_cfg: config.model.vision; pre_cfg: `vision_pretrain_block()`; data_cfg: config.data.
     "params" is the `vision` params subtree (numpy); "metrics" the test-split concept accuracy.
     Every process runs the same steps on the same images (the stage is small), so the result is
-    identical everywhere; process 0 writes it.
+    identical everywhere; process 0 writes it. Resumes from `out_dir/ckpt`; a SIGTERM/SIGINT, or
+    `stop_after` steps of this call (tests, time-boxed runs), saves a checkpoint and returns
+    {"params": None, "stopped_early": True}.
     """
+    from unimm_jax.train.checkpoint import Checkpointer
+
     out_dir = os.fspath(out_dir)
     if os.path.isfile(os.path.join(out_dir, DONE_FILE)):  # written last: the params are complete
         logging.info("vision tower already pretrained in %s; loading it.", out_dir)
-        return {"params": load_vision(out_dir), "metrics": {}}
+        return {"params": load_vision(out_dir), "metrics": {}, "stopped_early": False}
     if pre_cfg.num_steps <= 0:
         raise ValueError("vision_pretrain.num_steps must be > 0 to pretrain the vision tower.")
     train = _load_split(data_cfg, "train", int(pre_cfg.num_images), int(vision_cfg.patch_size))
@@ -211,18 +221,45 @@ def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) ->
     predict = jax.jit(lambda p, x: model.apply({"params": p}, x))
     rng = np.random.default_rng([seed, 7])
     os.makedirs(out_dir, exist_ok=True)
-    logger = MetricsLogger(out_dir, use_tensorboard=False) if jax.process_index() == 0 else None
-    t0, losses = time.perf_counter(), []
-    for i in range(1, int(pre_cfg.num_steps) + 1):
-        j = rng.integers(0, len(train[0]), int(pre_cfg.batch_size))
-        params, opt_state, loss = step(params, opt_state, *(a[j] for a in train))
-        losses.append(float(loss))
-        if not np.isfinite(losses[-1]):
-            raise FloatingPointError(f"vision pretraining loss is {losses[-1]} at step {i}; "
-                                     "lower vision_pretrain.learning_rate.")
-        if logger is not None and (i % int(pre_cfg.log_every) == 0 or i == pre_cfg.num_steps):
-            logger.write(i, {"loss": float(np.mean(losses[-int(pre_cfg.log_every):])),
-                             "lr": float(sched(i)), "seconds": time.perf_counter() - t0})
+    ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=1, async_save=False,
+                        save_interval_steps=int(pre_cfg.get("checkpoint_every", 500)))
+    state = {"params": params, "opt_state": opt_state}
+    restored = ckpt.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+    start = 0
+    if restored is not None:
+        state, start = restored
+        logging.info("vision pretraining: resuming from step %d of %d (%s).", start, pre_cfg.num_steps,
+                     ckpt.directory)
+    params, opt_state = state["params"], state["opt_state"]
+    for _ in range(start):  # the batches already trained on: the same draws as a straight run
+        rng.integers(0, len(train[0]), int(pre_cfg.batch_size))
+    logger = MetricsLogger(out_dir, use_tensorboard=False, resume_step=start) if jax.process_index() == 0 else None
+    t0, losses, stopped = time.perf_counter(), [], False
+    try:
+        with ckpt.preemption_guard():
+            for i in range(start + 1, int(pre_cfg.num_steps) + 1):
+                j = rng.integers(0, len(train[0]), int(pre_cfg.batch_size))
+                params, opt_state, loss = step(params, opt_state, *(a[j] for a in train))
+                losses.append(float(loss))
+                if not np.isfinite(losses[-1]):
+                    raise FloatingPointError(f"vision pretraining loss is {losses[-1]} at step {i}; "
+                                             "lower vision_pretrain.learning_rate.")
+                if logger is not None and (i % int(pre_cfg.log_every) == 0 or i == pre_cfg.num_steps):
+                    logger.write(i, {"loss": float(np.mean(losses[-int(pre_cfg.log_every):])),
+                                     "lr": float(sched(i)), "seconds": time.perf_counter() - t0})
+                stop = ckpt.stop_requested(i) or (stop_after is not None and i - start >= stop_after)
+                if i < pre_cfg.num_steps:  # the final step's result is the params dir below
+                    ckpt.save(i, {"params": params, "opt_state": opt_state}, force=stop)
+                if stop and i < pre_cfg.num_steps:
+                    logging.warning("vision pretraining stopped at step %d; re-run the same command to resume.", i)
+                    stopped = True
+                    break
+    finally:
+        ckpt.close()
+        if logger is not None and stopped:
+            logger.close()
+    if stopped:
+        return {"params": None, "metrics": {}, "stopped_early": True}
     logits, token_logits = predict(params, test_x)
     metrics = concept_accuracy(logits, test[1], test[2])
     if token_weight:
@@ -240,7 +277,7 @@ def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0) ->
         save_params(target, vision)
         with open(os.path.join(out_dir, DONE_FILE), "w") as f:
             f.write(f"{metrics}\n")
-    return {"params": vision, "metrics": metrics}
+    return {"params": vision, "metrics": metrics, "stopped_early": False}
 
 
 def load_vision(directory) -> dict:

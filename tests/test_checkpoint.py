@@ -351,3 +351,16 @@ def test_train_state_rng_is_raw_key_data_and_split_advances_it():
     assert keys.shape == (2,) and not np.array_equal(new.rng, state.rng)
     k = jax.random.key_data(keys)
     assert not np.array_equal(k[0], k[1]) and not np.array_equal(k[0], new.rng)
+
+
+def test_end_stage_step_saves_when_due_or_stopping_and_never_the_last_step(tmp_path):
+    state = {"w": jnp.arange(3.0)}
+    with Checkpointer(tmp_path / "ckpt", save_interval_steps=3, async_save=False, max_to_keep=5) as ck:
+        assert [ck.end_stage_step(i, 6, state) for i in range(1, 7)] == [False] * 6
+        assert ck.all_steps() == [3]  # due at 3; 6 is the stage's last step: the stage writes it
+        assert ck.end_stage_step(4, 6, state, stop_now=True)  # a stop saves at once and says stop
+        assert ck.all_steps() == [3, 4]
+        assert not ck.end_stage_step(6, 6, state, stop_now=True)  # at the last step: nothing to resume
+        assert ck.all_steps() == [3, 4]
+        ck.request_stop()  # as SIGTERM inside preemption_guard
+        assert ck.end_stage_step(5, 6, state) and ck.all_steps() == [3, 4, 5]

@@ -217,6 +217,17 @@ class Checkpointer:
         flags = multihost_utils.process_allgather(np.asarray(self.should_stop, np.int32))
         return bool(np.any(flags)) or bool(self._mngr.reached_preemption(int(step)))
 
+    def end_stage_step(self, step: int, last_step: int, state, data_iter=None, *, stop_now: bool = False) -> bool:
+        """The end of one step of a pretraining stage (tokenizer, vision tower): saves `state` when
+        due, or at once when a stop is requested (`stop_requested`, or `stop_now`), except at
+        `last_step`, whose result the stage writes itself. Returns True when the stage should stop
+        here, i.e. a stop came before the last step. A collective when multi-process (see
+        `stop_requested`)."""
+        stop = self.stop_requested(step) or stop_now
+        if step < last_step:
+            self.save(step, state, data_iter, force=stop)
+        return stop and step < last_step
+
     @contextlib.contextmanager
     def preemption_guard(self, signals=(signal.SIGTERM, signal.SIGINT)) -> Iterator["Checkpointer"]:
         """Within the block, the given signals set `should_stop` instead of killing the process.

@@ -247,10 +247,8 @@ def pretrain_vision(vision_cfg, pre_cfg, data_cfg, out_dir, *, seed: int = 0,
                 if logger is not None and (i % int(pre_cfg.log_every) == 0 or i == pre_cfg.num_steps):
                     logger.write(i, {"loss": float(np.mean(losses[-int(pre_cfg.log_every):])),
                                      "lr": float(sched(i)), "seconds": time.perf_counter() - t0})
-                stop = ckpt.stop_requested(i) or (stop_after is not None and i - start >= stop_after)
-                if i < pre_cfg.num_steps:  # the final step's result is the params dir below
-                    ckpt.save(i, {"params": params, "opt_state": opt_state}, force=stop)
-                if stop and i < pre_cfg.num_steps:
+                if ckpt.end_stage_step(i, int(pre_cfg.num_steps), {"params": params, "opt_state": opt_state},
+                                       stop_now=stop_after is not None and i - start >= stop_after):
                     logging.warning("vision pretraining stopped at step %d; re-run the same command to resume.", i)
                     stopped = True
                     break

@@ -245,11 +245,9 @@ def train_vq(vq_cfg, tok_cfg, data_cfg, out_dir, *, seed: int = 0, images_iter=N
                     logger.write(i, last)
                     logging.info("vq step %d: %s", i, last)
                     t0 = time.perf_counter()
-                stop = ckpt.stop_requested(i) or (stop_after is not None and i - start >= stop_after)
-                if i < tok_cfg.num_steps:  # the final step's result is the params dir below
-                    state = {"params": params, "opt_state": opt_state, "usage": jnp.asarray(usage, jnp.int32)}
-                    ckpt.save(i, state, data_iter, force=stop)
-                if stop and i < tok_cfg.num_steps:
+                state = {"params": params, "opt_state": opt_state, "usage": jnp.asarray(usage, jnp.int32)}
+                if ckpt.end_stage_step(i, tok_cfg.num_steps, state, data_iter,
+                                       stop_now=stop_after is not None and i - start >= stop_after):
                     logging.warning("VQ tokenizer stopped at step %d; re-run the same command to resume.", i)
                     stopped = True
                     break

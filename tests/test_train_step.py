@@ -225,3 +225,30 @@ def test_accumulated_step_is_the_whole_batch_step(monkeypatch, task_weights):
     micro_means = [float(step_lib.batch_loss(None, params, {k: v[j::2] for k, v in batch.items()}, task_weights)[0])
                    for j in range(2)]
     assert abs(np.mean(micro_means) - float(m1["loss"])) > 0.1 * float(m1["loss"]), (micro_means, float(m1["loss"]))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_trainer_step_does_not_differentiate_frozen_params(tmp_path, stage):
+    """Janus-Pro stages 1 and 2 through the Trainer: its step (frozen params under stop_gradient)
+    makes exactly the update of the same step differentiating everything, leaves the frozen
+    params as they were, and reports the trainable gradients' norm (the clipped one), which is
+    smaller than the norm over every param's gradient."""
+    from unimm_jax.train.optimizer import trainable_mask
+
+    c = tiny_train_config()
+    c.stage = loop.stage_config(stage)
+    tr = loop.Trainer(c, tmp_path, devices=jax.devices()[:1])
+    batch = next(loop.make_data_iterator(c))
+    before = jax.tree.map(np.asarray, tr.state.params)
+    everything = jax.jit(lambda s, b: step_lib.train_step(s, b, module=tr.module, tx=tr.tx))
+    ref_state, ref = everything(jax.tree.map(jnp.copy, tr.state), batch)  # tr.step donates its state
+    m = tr.step(batch)
+    mask = trainable_mask(before, tr.trainable)
+    for path_mask, new, old, want in zip(jax.tree.leaves(mask), jax.tree.leaves(tr.state.params),
+                                         jax.tree.leaves(before), jax.tree.leaves(ref_state.params)):
+        if path_mask:
+            np.testing.assert_allclose(np.asarray(new), np.asarray(want), rtol=1e-5, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(np.asarray(new), old)
+    np.testing.assert_allclose(float(m["loss"]), float(ref["loss"]), rtol=1e-6)
+    assert float(m["grad_norm"]) < float(ref["grad_norm"])

@@ -1,6 +1,6 @@
 """Gradient accumulation inside the train step: one optimizer update from k micro-batches.
 
-    (loss, aux), grads = accumulated_value_and_grad(micro_loss, params, batch, k)
+    (loss, aux), grads = accumulated_value_and_grad(micro_loss, params, batch, k, trainable=mask)
 
 The step receives the whole batch of an update (`data.batch_size` rows) and runs forward +
 backward on k micro-batches of batch_size / k rows in a `lax.scan`, so only one micro-batch's
@@ -15,6 +15,11 @@ Micro-batch j takes rows j, j + k, j + 2k, ... of the batch: the batch axis is s
 mesh in contiguous blocks, and a strided split gives every device the same number of each
 micro-batch's rows (an equal share of the work at each scan step) as long as each device's
 block divides by k, which the trainer checks.
+
+Frozen parameters (a stage's encoders, `trainable` False) enter the loss through
+`lax.stop_gradient`, so their gradients are structural zeros: the backward pass neither forms
+their weight gradients nor back-propagates into a subtree that only they feed (a frozen vision
+tower's whole backward pass is skipped), and the gradient norm covers the trainable ones only.
 """
 from __future__ import annotations
 
@@ -41,15 +46,28 @@ def split_micro_batches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
-def accumulated_value_and_grad(micro_loss: MicroLoss, params, batch, k: int):
+def stop_frozen_gradients(params, trainable):
+    """params with `lax.stop_gradient` on every leaf whose `trainable` entry is False.
+
+    trainable: a tree of Python bools shaped like params (`optimizer.trainable_mask`), or None
+    (everything trains: params are returned as they are).
+    """
+    if trainable is None:
+        return params
+    return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+
+def accumulated_value_and_grad(micro_loss: MicroLoss, params, batch, k: int, *, trainable=None):
     """((loss sum, aux sums), gradient sum) of `micro_loss` over k micro-batches of `batch`.
 
     micro_loss(params, micro_batch, j) -> (float32 scalar, dict of float32 scalars); j is the
     micro-batch index (int32 scalar; e.g. to fold into an rng key). Gradients are summed in
     float32 (the params' dtype for float32 master weights). k == 1 is a plain value_and_grad
-    on the whole batch (no scan, the same program as without accumulation).
+    on the whole batch (no scan, the same program as without accumulation). trainable: a bool
+    tree like params (None = all); frozen leaves get zero gradients without computing them.
     """
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb, j: micro_loss(stop_frozen_gradients(p, trainable), mb, j), has_aux=True)
     if k == 1:
         return grad_fn(params, batch, jnp.int32(0))
     micro = split_micro_batches(batch, k)

@@ -98,14 +98,15 @@ def check_flow_train_batch(batch: Mapping[str, np.ndarray], model_cfg, *, batch_
 
 
 def flow_train_step(state, batch: Mapping[str, jax.Array], *, module: JanusFlow, tx: optax.GradientTransformation,
-                    schedule: Callable | None = None, grad_accum_steps: int = 1):
+                    schedule: Callable | None = None, grad_accum_steps: int = 1, trainable=None):
     """One optimizer update on a flow batch: (new TrainState, metrics dict of float32 scalars).
 
     The state's rng is advanced and split for t, the noise and the condition drop, so no key is
     reused and a resumed run draws the same noise. grad_accum_steps k > 1 splits the rows into k
     equal micro-batches (`train/accumulate.py`; micro-batch j draws with fold_in(key, j)); the
     loss is a mean over rows, so the mean of the k micro-batch losses and gradients is the whole
-    batch's. A non-finite loss or gradient keeps the old state.
+    batch's. A non-finite loss or gradient keeps the old state. trainable: as in
+    `step.train_step` (frozen params get no gradient computation).
     """
     k = grad_accum_steps
     state, (key,) = state.split_rng(1)
@@ -114,7 +115,7 @@ def flow_train_step(state, batch: Mapping[str, jax.Array], *, module: JanusFlow,
         loss, aux = flow_training_loss(module, p, mb, key if k == 1 else jax.random.fold_in(key, j))
         return loss / k, jax.tree.map(lambda a: a / k, aux)
 
-    (loss, aux), grads = accumulated_value_and_grad(micro_loss, state.params, batch, k)
+    (loss, aux), grads = accumulated_value_and_grad(micro_loss, state.params, batch, k, trainable=trainable)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     lr_step = state.step

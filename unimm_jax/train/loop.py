@@ -342,7 +342,8 @@ class Trainer:
                              out_shardings=self.state_shardings)(params)
         self.batch_sharding = batch_sharding(self.mesh, self.rules)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        extra = {}
+        # Frozen params' gradients are never formed (the step stops them), not computed and zeroed.
+        extra = {} if self.trainable is None else {"trainable": trainable_mask(params, self.trainable)}
         if config.train.get("task_weights"):
             extra["task_weights"] = task_weight_vector(config.train.task_weights)
         fn = lambda s, b: self.hooks["train_step"](s, b, module=self.module, tx=self.tx,

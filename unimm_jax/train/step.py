@@ -173,13 +173,16 @@ def summarize(aux: Mapping[str, jax.Array]) -> dict:
 
 
 def train_step(state, batch, *, module: Janus, tx: optax.GradientTransformation,
-               schedule: Callable | None = None, grad_accum_steps: int = 1, task_weights=None):
+               schedule: Callable | None = None, grad_accum_steps: int = 1, task_weights=None, trainable=None):
     """One optimizer update: gradients of `batch_loss` over the batch, then `tx.update`.
 
     grad_accum_steps k > 1: the batch's rows are split into k micro-batches whose gradients are
     summed in a scan (`train/accumulate.py`); each micro-batch's loss is normalised by the whole
     batch's token counts, so the update is exactly the whole batch's (not a mean of micro-batch
-    means). task_weights: see `batch_loss` (None = token-weighted mean).
+    means). task_weights: see `batch_loss` (None = token-weighted mean). trainable: a bool tree
+    like the params (`optimizer.trainable_mask`; None = all train): frozen params get no
+    gradient computation at all (see `accumulate.stop_frozen_gradients`), and grad_norm is the
+    trainable gradients' norm, the one the optimizer clips.
     state: `TrainState`; batch: dict of arrays per the contract (global batch, sharded).
     Returns (new state, metrics) where metrics holds float32 scalars: loss, loss/<task>,
     accuracy/<task>, tokens, grad_norm, lr (the rate of this update), skipped (1.0 when the NaN
@@ -188,7 +191,7 @@ def train_step(state, batch, *, module: Janus, tx: optax.GradientTransformation,
     counts = task_token_counts(batch)
     (loss, aux), grads = accumulated_value_and_grad(
         lambda p, mb, j: batch_loss(module, p, mb, task_weights, counts=counts),
-        state.params, batch, grad_accum_steps)
+        state.params, batch, grad_accum_steps, trainable=trainable)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # Keep the old state on a non-finite step: params, moments and the step.

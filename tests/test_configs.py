@@ -9,11 +9,16 @@ from unimm_jax.models.janus_config import num_image_tokens, num_understanding_to
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
-def load(name, arg=None):
+def load_module(name):
+    """configs/<name>.py as a module (configs/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, name + ".py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return mod
+
+
+def load(name, arg=None):
+    return load_module(name).get_config(arg)
 
 
 @pytest.mark.parametrize("name,hidden,layers,heads,inter", [("janus_pro_1b", 2048, 24, 16, 5632), ("janus_pro_7b", 4096, 30, 32, 11008)])

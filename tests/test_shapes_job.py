@@ -5,28 +5,19 @@ stopped inside each pretraining stage and resumed by re-running the same config.
 The README's default job runs this path at full size (~18 min); these tests run it on 32 px
 images with one-layer models in a few minutes, hence `slow`.
 """
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
+from test_configs import load_module
 from unimm_jax.train import loop, vision_pretrain, vq_trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _shapes_tiny():
-    spec = importlib.util.spec_from_file_location("shapes_tiny", os.path.join(REPO, "configs", "shapes_tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_job_config():
     """configs/shapes_tiny.py with every size cut: 32 px, 16 VQ codes and 4 SigLIP tokens per image."""
-    mod = _shapes_tiny()
+    mod = load_module("shapes_tiny")
     c = mod.get_config()
     c.model = mod.shapes_model(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16,
                                intermediate_size=64, vision_hidden=16, vision_layers=1, vision_heads=2,

@@ -40,6 +40,10 @@ def test_validation_names_field_and_fix():
     with pytest.raises(ValueError, match=r"model\.llm\.num_kv_heads=3 is out of range: must divide num_heads=4"):
         validate_janus_config(m)
     m = load("janus_tiny").model
+    m.llm.qk_init_scale = 0.0
+    with pytest.raises(ValueError, match=r"model\.llm\.qk_init_scale=0\.0 is out of range: must be positive"):
+        validate_janus_config(m)
+    m = load("janus_tiny").model
     m.vq.encoder_context = "nearby"
     with pytest.raises(ValueError, match=r"model\.vq\.encoder_context='nearby' is out of range: must be one of \('global', 'local'\)"):
         validate_janus_config(m)

@@ -65,3 +65,20 @@ def test_kv_cache_prefill_then_step_matches_full_pass(base):
     h1, cache, valid = step(cache, valid, 0, t - 1)
     h2, cache, valid = step(cache, valid, t - 1, 1)
     np.testing.assert_allclose(np.asarray(jnp.concatenate([h1, h2], 1)), np.asarray(full), atol=1e-5)
+
+
+def test_qk_init_scale_scales_only_query_and_key_init(base):
+    """qk_init_scale multiplies the q / k kernels' init std (0.02); v, o and the MLP keep 0.02."""
+    cfg, params, ids, _ = base
+    big = cfg.copy_and_resolve_references()
+    big.qk_init_scale = 4.0
+    p4 = nn.unbox(LLM(big).init(jax.random.key(0), ids, method=LLM.init_all))["params"]
+    attn, attn4 = params["layers"]["attn"], p4["layers"]["attn"]
+    for name in ("q", "k"):
+        np.testing.assert_allclose(np.std(attn4[name]["kernel"]), 0.08, rtol=0.1)
+        np.testing.assert_allclose(np.asarray(attn4[name]["kernel"]), 4.0 * np.asarray(attn[name]["kernel"]), rtol=1e-6)
+    for name in ("v", "o"):
+        np.testing.assert_array_equal(np.asarray(attn4[name]["kernel"]), np.asarray(attn[name]["kernel"]))
+        np.testing.assert_allclose(np.std(attn[name]["kernel"]), 0.02, rtol=0.1)
+    np.testing.assert_array_equal(np.asarray(p4["layers"]["mlp"]["up"]["kernel"]),
+                                  np.asarray(params["layers"]["mlp"]["up"]["kernel"]))

@@ -1,6 +1,6 @@
 """The default job's whole path (`loop.run` on configs/shapes_tiny.py, shrunk): the shapes world,
-the VQ tokenizer stage, the SigLIP pretraining stage, the LLM, export and eval, including a run
-stopped inside each pretraining stage and resumed by re-running the same config.
+the VQ tokenizer stage, the SigLIP pretraining stage, the LLM's pre-stage and main stage, export
+and eval, including a run stopped inside each earlier stage and resumed by re-running the same config.
 
 The README's default job runs this path at full size (~18 min); these tests run it on 32 px
 images with one-layer models in a few minutes, hence `slow`.
@@ -29,6 +29,7 @@ def tiny_job_config():
                              log_every=2)
     c.optim.warmup_steps = 1
     c.train.update(num_steps=3, log_every=1, checkpoint_every=2, progress_bar=False, tensorboard=False)
+    c.pre_stage.num_steps = 2
     c.eval.update(num_understanding=4, num_generation=6, grid_size=2)
     return c
 
@@ -66,7 +67,16 @@ def test_shapes_job_resumes_from_each_pretraining_stage_then_trains_exports_and_
     assert not os.path.exists(os.path.join(w, "vision", vision_pretrain.DONE_FILE))
     assert not os.path.exists(os.path.join(w, "ckpt"))
 
-    # 3. and again: the vision stage resumes, the LLM trains, W/model and W/eval.json are written
+    # 3. and again: the vision stage finishes, then the LLM's pre-stage is stopped after a step
+    real_train = loop.train
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train", lambda *a, **k: real_train(*a, **k, stop_at=1))
+        out = loop.run(tiny_job_config(), w)
+    assert out == {"step": 0, "stopped_early": True, "stage": "pre_stage", "last": {}}
+    assert os.path.isfile(os.path.join(w, "vision", vision_pretrain.DONE_FILE))
+    assert os.path.isdir(os.path.join(w, loop.PRE_STAGE_DIR, "ckpt")) and not os.path.exists(os.path.join(w, "ckpt"))
+
+    # 4. and again: the pre-stage resumes, the LLM trains from it, W/model and W/eval.json are written
     out = loop.run(tiny_job_config(), w)
     assert out["step"] == 3 and not out["stopped_early"] and "stage" not in out
     assert os.path.isfile(os.path.join(w, "vision", vision_pretrain.DONE_FILE))
@@ -76,6 +86,9 @@ def test_shapes_job_resumes_from_each_pretraining_stage_then_trains_exports_and_
     assert os.path.isfile(os.path.join(w, "samples.png"))
     losses = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl")) if '"loss"' in line]
     assert [r["step"] for r in losses] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in losses)
+    pre = [json.loads(line) for line in open(os.path.join(w, loop.PRE_STAGE_DIR, "metrics.jsonl")) if '"loss"' in line]
+    # the pre-stage (understanding only) ran to its end across the stop
+    assert [r["step"] for r in pre] == [1, 2] and all("loss/generation" not in r for r in pre)
 
     # the exported model holds the stages' weights: its VQ is W/tokenizer's, its tower W/vision's
     model = uj.load_pretrained(w)

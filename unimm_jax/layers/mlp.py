@@ -38,11 +38,13 @@ class HeadsDense(nn.Module):
     n_in: int = 1
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
+    init_std: float = 0.02  # std of the kernel's normal init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[-self.n_in:]
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.names), (*in_shape, *self.features))
+        init = nn.initializers.normal(self.init_std)
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), (*in_shape, *self.features))
         y = linear(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), self.n_in)
         if self.use_bias:
             bias_names = self.names[self.n_in:]

@@ -66,6 +66,8 @@ def janus_model_config(
             rope_theta=float(rope_theta),
             max_position_embeddings=max_position_embeddings,
             tie_word_embeddings=tie_word_embeddings,
+            # Multiplier on the q / k projections' init std (0.02). Init only: loaded weights ignore it.
+            qk_init_scale=1.0,
             attention_bias=False,
             mlp_bias=False,
             scan_layers=True,
@@ -191,6 +193,7 @@ def validate_janus_config(m: ml_collections.ConfigDict) -> None:
     _check(llm.head_dim % 2 == 0, "model.llm.head_dim", llm.head_dim, "must be even for rotary embeddings.")
     _check(llm.rope_theta > 0, "model.llm.rope_theta", llm.rope_theta, "must be positive.")
     _check(llm.rms_norm_eps > 0, "model.llm.rms_norm_eps", llm.rms_norm_eps, "must be positive.")
+    _check(llm.get("qk_init_scale", 1.0) > 0, "model.llm.qk_init_scale", llm.get("qk_init_scale"), "must be positive.")
     from unimm_jax.layers.attention import ATTENTION_IMPLS
 
     _check(llm.get("attention_impl", "auto") in ATTENTION_IMPLS, "model.attention_impl", llm.get("attention_impl"),

@@ -68,8 +68,10 @@ class Attention(nn.Module):
         c = self.cfg
         h, kvh, hd = c.num_heads, c.num_kv_heads, c.head_dim
         dt = jnp.dtype(c.dtype)
-        q = HeadsDense((h, hd), ("embed", "heads", "head_dim"), 1, c.attention_bias, dt, name="q")(x)
-        k = HeadsDense((kvh, hd), ("embed", "kv_heads", "head_dim"), 1, c.attention_bias, dt, name="k")(x)
+        # qk_init_scale > 1 starts the attention scores away from uniform (see janus_config).
+        qk_std = 0.02 * float(c.get("qk_init_scale", 1.0))
+        q = HeadsDense((h, hd), ("embed", "heads", "head_dim"), 1, c.attention_bias, dt, qk_std, name="q")(x)
+        k = HeadsDense((kvh, hd), ("embed", "kv_heads", "head_dim"), 1, c.attention_bias, dt, qk_std, name="k")(x)
         v = HeadsDense((kvh, hd), ("embed", "kv_heads", "head_dim"), 1, c.attention_bias, dt, name="v")(x)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "act_heads", None))
         k = apply_rope(k, cos, sin)

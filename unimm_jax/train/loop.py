@@ -52,8 +52,9 @@ from unimm_jax.train.metrics import MetricsLogger
 from unimm_jax.train.optimizer import make_optimizer, make_schedule, stage_trainable, trainable_mask
 from unimm_jax.train.state import TrainState, abstract_train_state, state_shardings
 
+PRE_STAGE_DIR = "pre_stage"
 KNOWN_BLOCKS = ("kind", "seed", "mesh", "sharding", "model", "data", "tokenizer", "vision_pretrain",
-                "optim", "stage", "train", "eval")
+                "optim", "pre_stage", "stage", "train", "eval")
 
 # Janus-Pro's three stages as trainable sets (paths are regexes over param path components).
 # Stage 1 trains the adaptors and the image head; stage 2 all but the two encoders; stage 3
@@ -73,6 +74,45 @@ def stage_config(n: int, mixture: tuple[int, int, int] = (5, 1, 4)) -> ml_collec
     return ml_collections.ConfigDict(dict(
         name=n, trainable=list(s["trainable"]), frozen=list(s["frozen"]),
         mixture=dict(zip(TASKS, mixture))))
+
+
+def pre_stage_block(num_steps: int = 0, stage: int = 2, mixture: tuple[int, int, int] = (1, 0, 0)
+                    ) -> ml_collections.ConfigDict:
+    """`config.pre_stage`: an LLM stage trained before the main one (`config.stage`,
+    `config.train`), which then starts from its params, as Janus-Pro trains stage 2 from stage 1.
+
+    It runs in W/pre_stage (its own ckpt/, metrics.jsonl) with the main stage's optimizer
+    settings, its own schedule over `num_steps`, the trainable set of Janus-Pro stage `stage`
+    and its own data `mixture` (understanding, text, generation). num_steps 0: no pre-stage.
+    """
+    return ml_collections.ConfigDict(dict(num_steps=int(num_steps), stage=int(stage),
+                                          mixture=dict(zip(TASKS, mixture))))
+
+
+def pre_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """The full config the pre-stage trains with (None when config.pre_stage is absent or has
+    num_steps 0): `config` with its stage, mixture and step count, no periodic eval."""
+    pre = config.get("pre_stage", None)
+    if pre is None or int(pre.get("num_steps", 0)) == 0:
+        return None
+    unknown = sorted(set(pre.keys()) - {"num_steps", "stage", "mixture"})
+    if unknown:
+        raise ValueError(f"config.pre_stage has unknown field(s) {unknown}; known: ['mixture', 'num_steps', 'stage'].")
+    if int(pre.num_steps) < 0:
+        raise ValueError(f"config.pre_stage.num_steps={pre.num_steps} must be >= 0 (0: no pre-stage).")
+    stage = int(pre.get("stage", 2))
+    if stage not in JANUS_PRO_STAGES:
+        raise ValueError(f"config.pre_stage.stage must be one of {sorted(JANUS_PRO_STAGES)}, got {stage!r}.")
+    mixture = dict(pre.get("mixture", {}))
+    unknown = sorted(set(mixture) - set(TASKS))
+    if unknown:
+        raise ValueError(f"config.pre_stage.mixture has unknown task(s) {unknown}; tasks are {list(TASKS)}.")
+    sub = config.copy_and_resolve_references()
+    del sub["pre_stage"]
+    sub.stage = stage_config(stage, tuple(mixture.get(t, 0) for t in TASKS))
+    sub.train.num_steps = int(pre.num_steps)
+    sub.train.eval_every = 0
+    return sub
 
 
 def train_block(**overrides) -> ml_collections.ConfigDict:
@@ -565,6 +605,22 @@ def _with_pretrained(params, subtrees):
     return params
 
 
+def _pre_stage(config, workdir, init_params_fn, **data_kwargs):
+    """Trains (or resumes, or restores when finished) config.pre_stage in W/pre_stage. Returns
+    None without a pre-stage, "stopped" when it was preempted, else the main stage's
+    init_params_fn: the pre-stage's final params (on the same mesh, so already placed)."""
+    sub = pre_stage_config(config)
+    if sub is None:
+        return None
+    out = train(sub, os.path.join(workdir, PRE_STAGE_DIR), init_params_fn=init_params_fn, **data_kwargs)
+    if out["stopped_early"]:
+        return "stopped"
+    params = out.pop("trainer").state.params  # the optimizer state is dropped with the trainer
+    logging.info("pre-stage done (%d steps in %s); the main stage starts from its params.", out["step"],
+                 os.path.join(workdir, PRE_STAGE_DIR))
+    return lambda fresh: jax.tree.map(lambda new, old: new.astype(old.dtype), params, fresh)
+
+
 def gen_embed_from_vq(vq_params) -> dict:
     """The `gen_embed` params subtree {"embedding": float32 [K, d]} holding the VQ's L2-normalised
     code vectors scaled by sqrt(d): the norm of gen_embed's N(0, 1) init, so the gen aligner
@@ -596,12 +652,18 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
     if is_flow(config):  # JanusFlow: this trainer with the flow hooks, then export + flow eval
         from unimm_jax.train.flow_trainer import run_flow
 
+        if pre_stage_config(config) is not None:
+            raise ValueError("config.pre_stage is for Janus models; set pre_stage.num_steps=0 for JanusFlow.")
+
         return run_flow(config, workdir)
     if kind != "janus":
         raise ValueError(f"config.kind={kind!r} is not one of 'janus', 'janusflow', 'vq'.")
     check_config(config)
     if config.data.get("source", "shapes") != "shapes":
-        out = train(config, workdir)
+        init = _pre_stage(config, workdir, None)
+        if init == "stopped":
+            return {"step": 0, "stopped_early": True, "stage": "pre_stage", "last": {}}
+        out = train(config, workdir, init_params_fn=init)
         out.pop("trainer")
         return out
     tokenizer, tokens = _shapes_setup(config, workdir)
@@ -635,8 +697,12 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
                                                 if k in res})
         return eval_summary(res)
 
-    out = train(config, workdir, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens,
-                init_params_fn=lambda params: _with_pretrained(params, pretrained), evaluate_fn=periodic_eval)
+    data_kwargs = dict(image_encoder=encoder, tokenizer=tokenizer, tokens=tokens)
+    init = _pre_stage(config, workdir, lambda params: _with_pretrained(params, pretrained), **data_kwargs)
+    if init == "stopped":  # preempted during the pre-stage
+        return {"step": 0, "stopped_early": True, "stage": "pre_stage", "last": {}}
+    out = train(config, workdir, init_params_fn=init or (lambda params: _with_pretrained(params, pretrained)),
+                evaluate_fn=periodic_eval, **data_kwargs)
     if out["stopped_early"]:  # preempted: no export/eval; re-running the command resumes
         out.pop("trainer")
         return out

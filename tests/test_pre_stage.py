@@ -23,7 +23,9 @@ def _steps(workdir):
 
 
 def test_pre_stage_config_sets_stage_mixture_and_steps():
-    sub = loop.pre_stage_config(_config(pre_steps=5))
+    c = _config(pre_steps=5)
+    c.lock()  # as unimm-train's config flags hand it over
+    sub = loop.pre_stage_config(c)
     assert "pre_stage" not in sub and sub.train.num_steps == 5 and sub.train.eval_every == 0
     assert sub.stage.name == 1 and list(sub.stage.trainable) == list(loop.JANUS_PRO_STAGES[1]["trainable"])
     assert dict(sub.stage.mixture) == {"understanding": 1, "text": 0, "generation": 0}
@@ -34,6 +36,7 @@ def test_pre_stage_config_sets_stage_mixture_and_steps():
 @pytest.mark.parametrize("field, value, message", [
     ("stage", 4, r"config\.pre_stage\.stage must be one of \[1, 2, 3\], got 4"),
     ("num_steps", -1, r"config\.pre_stage\.num_steps=-1 must be >= 0"),
+    ("num_steps", 1, r"config\.pre_stage\.num_steps=1 must be larger than optim\.warmup_steps=1"),
     ("mixture", {"captioning": 1}, r"config\.pre_stage\.mixture has unknown task\(s\) \['captioning'\]"),
 ])
 def test_pre_stage_errors_name_the_field(field, value, message):
@@ -72,6 +75,7 @@ def test_main_stage_starts_from_pre_stage_params_and_pre_stage_resumes(tmp_path,
 
 def test_run_trains_pre_stage_then_main_stage(tmp_path):
     c = _config(pre_steps=2)
+    c.lock()
     out = loop.run(c, tmp_path)
     assert out["step"] == 2 and not out["stopped_early"]
     assert _steps(tmp_path / loop.PRE_STAGE_DIR) == [1, 2] and _steps(tmp_path) == [1, 2]

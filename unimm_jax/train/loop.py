@@ -100,6 +100,10 @@ def pre_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Config
         raise ValueError(f"config.pre_stage has unknown field(s) {unknown}; known: ['mixture', 'num_steps', 'stage'].")
     if int(pre.num_steps) < 0:
         raise ValueError(f"config.pre_stage.num_steps={pre.num_steps} must be >= 0 (0: no pre-stage).")
+    warmup = int(config.optim.get("warmup_steps", 0))
+    if int(pre.num_steps) <= warmup:
+        raise ValueError(f"config.pre_stage.num_steps={pre.num_steps} must be larger than optim.warmup_steps="
+                         f"{warmup}: the pre-stage runs its own warmup + decay schedule.")
     stage = int(pre.get("stage", 2))
     if stage not in JANUS_PRO_STAGES:
         raise ValueError(f"config.pre_stage.stage must be one of {sorted(JANUS_PRO_STAGES)}, got {stage!r}.")
@@ -108,10 +112,11 @@ def pre_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     if unknown:
         raise ValueError(f"config.pre_stage.mixture has unknown task(s) {unknown}; tasks are {list(TASKS)}.")
     sub = config.copy_and_resolve_references()
-    del sub["pre_stage"]
-    sub.stage = stage_config(stage, tuple(mixture.get(t, 0) for t in TASKS))
-    sub.train.num_steps = int(pre.num_steps)
-    sub.train.eval_every = 0
+    with sub.unlocked():  # unimm-train's config flags lock the config
+        del sub["pre_stage"]
+        sub.stage = stage_config(stage, tuple(mixture.get(t, 0) for t in TASKS))
+        sub.train.num_steps = int(pre.num_steps)
+        sub.train.eval_every = 0
     return sub
 
 

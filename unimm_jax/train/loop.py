@@ -703,11 +703,14 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         return eval_summary(res)
 
     data_kwargs = dict(image_encoder=encoder, tokenizer=tokenizer, tokens=tokens)
-    init = _pre_stage(config, workdir, lambda params: _with_pretrained(params, pretrained), **data_kwargs)
+
+    def with_stages(params):  # the earlier stages' VQ / tower (and gen_embed) put into fresh params
+        return _with_pretrained(params, pretrained)
+
+    init = _pre_stage(config, workdir, with_stages, **data_kwargs)
     if init == "stopped":  # preempted during the pre-stage
         return {"step": 0, "stopped_early": True, "stage": "pre_stage", "last": {}}
-    out = train(config, workdir, init_params_fn=init or (lambda params: _with_pretrained(params, pretrained)),
-                evaluate_fn=periodic_eval, **data_kwargs)
+    out = train(config, workdir, init_params_fn=init or with_stages, evaluate_fn=periodic_eval, **data_kwargs)
     if out["stopped_early"]:  # preempted: no export/eval; re-running the command resumes
         out.pop("trainer")
         return out

@@ -7,7 +7,8 @@ from flax import linen as nn
 
 from unimm_jax.layers.linear import linear, linear_dot_general
 
-_init = nn.initializers.normal(0.02)
+INIT_STD = 0.02  # the normal init std of every projection kernel here (Llama's initializer_range)
+_init = nn.initializers.normal(INIT_STD)
 
 
 def dense(features: int, names: tuple[str, str], name: str, use_bias: bool = True, dtype=jnp.float32) -> nn.Dense:
@@ -38,7 +39,7 @@ class HeadsDense(nn.Module):
     n_in: int = 1
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
-    init_std: float = 0.02  # std of the kernel's normal init
+    init_std: float = INIT_STD  # std of the kernel's normal init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

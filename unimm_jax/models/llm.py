@@ -21,7 +21,7 @@ from flax import linen as nn
 from unimm_jax.kernels.residuals import RESIDUAL_NAMES
 from unimm_jax.layers import attention as attn_lib
 from unimm_jax.layers.linear import linear_dot_general
-from unimm_jax.layers.mlp import HeadsDense
+from unimm_jax.layers.mlp import INIT_STD, HeadsDense
 from unimm_jax.layers.norms import RMSNorm
 from unimm_jax.layers.rope import apply_rope, rope_frequencies
 
@@ -37,7 +37,7 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims, _SAVE_ATTENTION),
 }
 
-_init = nn.initializers.normal(0.02)
+_init = nn.initializers.normal(INIT_STD)
 
 
 def _dense(features, names, use_bias, name, dtype):
@@ -69,7 +69,7 @@ class Attention(nn.Module):
         h, kvh, hd = c.num_heads, c.num_kv_heads, c.head_dim
         dt = jnp.dtype(c.dtype)
         # qk_init_scale > 1 starts the attention scores away from uniform (see janus_config).
-        qk_std = 0.02 * float(c.get("qk_init_scale", 1.0))
+        qk_std = INIT_STD * float(c.get("qk_init_scale", 1.0))
         q = HeadsDense((h, hd), ("embed", "heads", "head_dim"), 1, c.attention_bias, dt, qk_std, name="q")(x)
         k = HeadsDense((kvh, hd), ("embed", "kv_heads", "head_dim"), 1, c.attention_bias, dt, qk_std, name="k")(x)
         v = HeadsDense((kvh, hd), ("embed", "kv_heads", "head_dim"), 1, c.attention_bias, dt, name="v")(x)

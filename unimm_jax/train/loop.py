@@ -104,17 +104,18 @@ def pre_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     if int(pre.num_steps) <= warmup:
         raise ValueError(f"config.pre_stage.num_steps={pre.num_steps} must be larger than optim.warmup_steps="
                          f"{warmup}: the pre-stage runs its own warmup + decay schedule.")
-    stage = int(pre.get("stage", 2))
-    if stage not in JANUS_PRO_STAGES:
-        raise ValueError(f"config.pre_stage.stage must be one of {sorted(JANUS_PRO_STAGES)}, got {stage!r}.")
     mixture = dict(pre.get("mixture", {}))
     unknown = sorted(set(mixture) - set(TASKS))
     if unknown:
         raise ValueError(f"config.pre_stage.mixture has unknown task(s) {unknown}; tasks are {list(TASKS)}.")
+    try:  # stage_config checks the stage number; the message gains the field's full name
+        stage = stage_config(int(pre.get("stage", 2)), tuple(mixture.get(t, 0) for t in TASKS))
+    except ValueError as e:
+        raise ValueError(f"config.pre_stage.{e}") from None
     sub = config.copy_and_resolve_references()
     with sub.unlocked():  # unimm-train's config flags lock the config
         del sub["pre_stage"]
-        sub.stage = stage_config(stage, tuple(mixture.get(t, 0) for t in TASKS))
+        sub.stage = stage
         sub.train.num_steps = int(pre.num_steps)
         sub.train.eval_every = 0
     return sub

@@ -172,6 +172,31 @@ def test_dialogues_ask_more_questions_of_each_image(data_dir, tok):
         pipeline.make_train_iterator(_cfg(data_dir, questions_per_image=0), **_kw(tok))
 
 
+def test_question_kinds_restrict_the_questions_asked(data_dir, tok):
+    """data.question_kinds=("color", "shape"): every question asked is of those kinds, records
+    with none of them (e.g. "two red circles") are skipped, and other kinds are named errors."""
+    it = pipeline.make_train_iterator(_cfg(data_dir, questions_per_image=4, question_kinds=("color", "shape"),
+                                           mixture=dict(understanding=1)), **_kw(tok))
+    kinds = []
+    for batch in _take(it, 3):
+        check_batch(batch)
+        for r, task, sl in _segments(batch):
+            text = tok.decode(batch["input_ids"][r, sl])
+            questions = [t.split(" <|Assistant|>")[0].replace(" ?", "?") for t in text.split("<|User|> : ")[1:]]
+            assert 1 <= len(questions) <= 4
+            kinds += [shapes.question_kind(q) for q in questions]
+    assert len(kinds) >= 8 and set(kinds) == {"color", "shape"}
+    rng = np.random.default_rng(0)
+    for rec in pipeline.first_readable_records(_cfg(data_dir), "train", NUM_TRAIN):
+        pairs = [(q, a) for q, a in shapes.parse_qa_pairs(rec["qa_pairs"]) if shapes.question_kind(q) == "count"]
+        turns = pipeline.dialogue_turns(rec, rng, 2, ("count",))
+        assert turns == pairs  # one count question per image, asked even when the record's is another kind
+        asked = {shapes.question_kind(q) for q, _ in shapes.parse_qa_pairs(rec["qa_pairs"])}
+        assert bool(pipeline.dialogue_turns(rec, rng, 4, ("color", "shape"))) == bool(asked & {"color", "shape"})
+    with pytest.raises(ValueError, match=r"question_kinds has unknown kind\(s\) \['colour'\]; kinds are"):
+        pipeline.make_train_iterator(_cfg(data_dir, question_kinds=("colour",)), **_kw(tok))
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 8, 32])
 def test_chunk_sizes(chunk):
     shapes_seen = set()

@@ -29,6 +29,12 @@ def test_pre_stage_config_sets_stage_mixture_and_steps():
     assert "pre_stage" not in sub and sub.train.num_steps == 5 and sub.train.eval_every == 0
     assert sub.stage.name == 1 and list(sub.stage.trainable) == list(loop.JANUS_PRO_STAGES[1]["trainable"])
     assert dict(sub.stage.mixture) == {"understanding": 1, "text": 0, "generation": 0}
+    assert sub.data.batch_size == c.data.batch_size  # no data overrides: the main stage's data
+    with c.unlocked():
+        c.pre_stage.data = dict(batch_size=4, max_images_per_row=2)
+    sub = loop.pre_stage_config(c)
+    assert sub.data.batch_size == 4 and sub.data.max_images_per_row == 2
+    assert c.data.batch_size == 8 and c.data.max_images_per_row == 1  # the main stage's data is untouched
     assert loop.pre_stage_config(tiny_train_config()) is None  # no block: no pre-stage
     assert loop.pre_stage_config(_config(pre_steps=0)) is None
 
@@ -38,6 +44,10 @@ def test_pre_stage_config_sets_stage_mixture_and_steps():
     ("num_steps", -1, r"config\.pre_stage\.num_steps=-1 must be >= 0"),
     ("num_steps", 1, r"config\.pre_stage\.num_steps=1 must be larger than optim\.warmup_steps=1"),
     ("mixture", {"captioning": 1}, r"config\.pre_stage\.mixture has unknown task\(s\) \['captioning'\]"),
+    ("data", {"batch": 4}, r"config\.pre_stage\.data has unknown field\(s\) \['batch'\]: it sets fields of "
+                           r"config\.data"),
+    ("data", {"mixture": {"text": 1}}, r"config\.pre_stage\.data\.mixture: set the pre-stage's mixture as "
+                                       r"config\.pre_stage\.mixture"),
 ])
 def test_pre_stage_errors_name_the_field(field, value, message):
     c = _config()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import collections
 import functools
 import threading
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import grain
 import ml_collections
@@ -54,6 +54,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.system_prompt = ""          # system prompt of understanding examples (chat_format.format_turn)
     c.questions_per_image = 1     # turns of an understanding dialogue: the record's question, then
                                   # up to this many - 1 more of its qa_pairs in random order
+    c.question_kinds = ()         # kinds of question asked (shapes.QUESTION_KINDS), () = all; a
+                                  # record with none of them is skipped
     c.worker_count = 0            # Grain worker processes packing batches (0 = the main process);
                                   # each worker packs its own slice, so batches differ per count
     c.encode_batch_size = 32      # max images per image_encoder call (see pipeline.chunk_sizes)
@@ -154,29 +156,55 @@ def _derive_seed(seed: int, *tags: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def dialogue_turns(rec, rng: np.random.Generator, questions_per_image: int) -> list[tuple[str, str]]:
+def dialogue_turns(rec, rng: np.random.Generator, questions_per_image: int,
+                   question_kinds: Sequence[str] = ()) -> list[tuple[str, str]]:
     """The record's own question first, then up to ``questions_per_image - 1`` other pairs of
     its ``qa_pairs`` in random order, skipping any whose answer the earlier turns already give
     (`shapes.answerable_from`: every answer must be read from the image). A record without
-    qa_pairs is an older shapes world: error."""
-    turns = [(rec["question"], rec["answer"])]
-    if questions_per_image <= 1:
-        return turns
+    qa_pairs is an older shapes world: error.
+
+    question_kinds: only questions of these kinds (`shapes.question_kind`); when the record's
+    own question is of another kind, a random allowed pair comes first. [] when the record has
+    none (the caller skips it). () = every kind.
+    """
+    own = (rec["question"], rec["answer"])
+    if questions_per_image <= 1 and not question_kinds:
+        return [own]
     if "qa_pairs" not in rec:
-        raise ValueError("data.questions_per_image > 1 needs records with qa_pairs (shapes world >= 1.1.0); "
-                         "rebuild the dataset (a new data_dir) or set data.questions_per_image=1.")
-    others = [qa for qa in shapes.parse_qa_pairs(rec["qa_pairs"]) if qa[0] != rec["question"]]
+        raise ValueError("data.questions_per_image > 1 (or data.question_kinds) needs records with qa_pairs "
+                         "(shapes world >= 1.1.0); rebuild the dataset (a new data_dir) or set "
+                         "data.questions_per_image=1 and data.question_kinds=().")
+    others = [qa for qa in shapes.parse_qa_pairs(rec["qa_pairs"]) if qa[0] != own[0]]
+    if question_kinds:
+        allowed = lambda qa: shapes.question_kind(qa[0]) in question_kinds
+        others = [qa for qa in others if allowed(qa)]
+        if not allowed(own):
+            if not others:
+                return []
+            own = others.pop(int(rng.integers(len(others))))
+    turns = [own]
     for i in rng.permutation(len(others)):
-        if len(turns) == questions_per_image:
+        if len(turns) >= questions_per_image:
             break
         if not shapes.answerable_from(turns, others[i][0]):
             turns.append(others[i])
     return turns
 
 
+def _question_kinds(data_cfg) -> tuple[str, ...]:
+    kinds = tuple(data_cfg.get("question_kinds", ()) or ())
+    unknown = sorted(set(kinds) - set(shapes.QUESTION_KINDS))
+    if unknown:
+        raise ValueError(f"config.data.question_kinds has unknown kind(s) {unknown}; kinds are "
+                         f"{list(shapes.QUESTION_KINDS)} (() = all).")
+    return kinds
+
+
 def _format_understanding(rec, rng=None, *, tokenizer, tokens, num_image_tokens, system_prompt,
-                          questions_per_image=1):
-    turns = dialogue_turns(rec, rng, questions_per_image)
+                          questions_per_image=1, question_kinds=()):
+    turns = dialogue_turns(rec, rng, questions_per_image, question_kinds)
+    if not turns:  # none of question_kinds applies to this image
+        return None
     ex = conversation.understanding_dialogue_example(tokenizer, tokens, turns, num_image_tokens,
                                                      system_prompt=system_prompt)
     ex["image"] = _normalise(rec["image"])
@@ -299,7 +327,8 @@ def example_dataset(data_cfg, *, tokenizer: TextTokenizer, tokens: Mapping[str, 
         if task == "understanding":
             ds = ds.random_map(functools.partial(
                 _format_understanding, num_image_tokens=int(num_image_tokens), system_prompt=data_cfg.system_prompt,
-                questions_per_image=_questions_per_image(data_cfg), **fmt),
+                questions_per_image=_questions_per_image(data_cfg), question_kinds=_question_kinds(data_cfg),
+                **fmt),
                 seed=_derive_seed(data_cfg.seed, _TASK_TAG[task], 7))
         elif task == "text":
             ds = ds.map(functools.partial(_format_text, **fmt))

@@ -76,17 +76,19 @@ def stage_config(n: int, mixture: tuple[int, int, int] = (5, 1, 4)) -> ml_collec
         mixture=dict(zip(TASKS, mixture))))
 
 
-def pre_stage_block(num_steps: int = 0, stage: int = 2, mixture: tuple[int, int, int] = (1, 0, 0)
-                    ) -> ml_collections.ConfigDict:
+def pre_stage_block(num_steps: int = 0, stage: int = 2, mixture: tuple[int, int, int] = (1, 0, 0),
+                    data: dict | None = None) -> ml_collections.ConfigDict:
     """`config.pre_stage`: an LLM stage trained before the main one (`config.stage`,
     `config.train`), which then starts from its params, as Janus-Pro trains stage 2 from stage 1.
 
     It runs in W/pre_stage (its own ckpt/, metrics.jsonl) with the main stage's optimizer
-    settings, its own schedule over `num_steps`, the trainable set of Janus-Pro stage `stage`
-    and its own data `mixture` (understanding, text, generation). num_steps 0: no pre-stage.
+    settings, its own schedule over `num_steps`, the trainable set of Janus-Pro stage `stage`,
+    its own data `mixture` (understanding, text, generation) and `data`: fields of config.data
+    it sets for itself (e.g. dict(batch_size=4, question_kinds=("color", "shape"))).
+    num_steps 0: no pre-stage.
     """
     return ml_collections.ConfigDict(dict(num_steps=int(num_steps), stage=int(stage),
-                                          mixture=dict(zip(TASKS, mixture))))
+                                          mixture=dict(zip(TASKS, mixture)), data=dict(data or {})))
 
 
 def pre_stage_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
@@ -95,9 +97,17 @@ def pre_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     pre = config.get("pre_stage", None)
     if pre is None or int(pre.get("num_steps", 0)) == 0:
         return None
-    unknown = sorted(set(pre.keys()) - {"num_steps", "stage", "mixture"})
+    unknown = sorted(set(pre.keys()) - {"num_steps", "stage", "mixture", "data"})
     if unknown:
-        raise ValueError(f"config.pre_stage has unknown field(s) {unknown}; known: ['mixture', 'num_steps', 'stage'].")
+        raise ValueError(f"config.pre_stage has unknown field(s) {unknown}; known: ['data', 'mixture', 'num_steps', "
+                         f"'stage'].")
+    data = dict(pre.get("data", None) or {})
+    if "mixture" in data:
+        raise ValueError("config.pre_stage.data.mixture: set the pre-stage's mixture as config.pre_stage.mixture.")
+    unknown = sorted(set(data) - set(config.data.keys()))
+    if unknown:
+        raise ValueError(f"config.pre_stage.data has unknown field(s) {unknown}: it sets fields of config.data "
+                         f"({sorted(config.data.keys())}).")
     if int(pre.num_steps) < 0:
         raise ValueError(f"config.pre_stage.num_steps={pre.num_steps} must be >= 0 (0: no pre-stage).")
     warmup = int(config.optim.get("warmup_steps", 0))
@@ -118,6 +128,8 @@ def pre_stage_config(config: ml_collections.ConfigDict) -> ml_collections.Config
         sub.stage = stage
         sub.train.num_steps = int(pre.num_steps)
         sub.train.eval_every = 0
+        for key, value in data.items():
+            sub.data[key] = value
     return sub
 
 

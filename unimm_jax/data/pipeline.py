@@ -501,6 +501,16 @@ def test_understanding_examples(data_cfg, n: int, source=None) -> list[tuple[np.
     return out
 
 
+def test_captioned_images(data_cfg, n: int, source=None) -> tuple[np.ndarray, list[str]]:
+    """The first n readable test-split records as (images float32 [n, H, W, 3] in [-1, 1],
+    their captions): held-out text-to-image pairs, the same on every call."""
+    recs = first_readable_records(data_cfg, "test", n, source)
+    if len(recs) < n:
+        raise ValueError(f"asked for {n} test images but the test split has {len(recs)} readable ones; "
+                         f"raise config.data.num_test or ask for fewer.")
+    return np.stack([_normalise(r["image"]) for r in recs]), [r["caption"] for r in recs]
+
+
 def test_generation_prompts(n: int, seed: int = 0) -> list[str]:
     """n deterministic test-split generation prompts (shapes.generation_prompts("test", n, seed))."""
     return shapes.generation_prompts("test", n, seed)
@@ -509,3 +519,4 @@ def test_generation_prompts(n: int, seed: int = 0) -> list[str]:
 # Not pytest tests, despite their names (pytest would collect them where they are imported).
 test_understanding_examples.__test__ = False
 test_generation_prompts.__test__ = False
+test_captioned_images.__test__ = False

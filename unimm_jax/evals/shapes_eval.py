@@ -8,7 +8,11 @@
                  (shapes_scorer.score_answers), per question kind.
   generation:    `num_generation` held-out prompts (shapes.generation_prompts("test", ...)),
                  CFG sampling (cfg_weight, temperature, top_k), VQ decode, GenEval-style
-                 detection (shapes_scorer.score_batch), per prompt kind.
+                 detection (shapes_scorer.score_batch), per prompt kind. Also "test_code_nll":
+                 the teacher-forced NLL (nats per code) of the first `num_generation` test
+                 images' VQ codes given their captions, overall and per caption kind: a
+                 sampling-free figure (the accuracy of one run moves by several points with
+                 the sampling and the init at the same loss).
 
 Writes out_dir/eval.json ({"understanding": {...}, "generation": {...}, "settings": {...}}) and
 out_dir/samples.png: a grid of the first `grid_size`^2 generated images (one row per prompt kind
@@ -60,6 +64,25 @@ def generate_images(model, tokenizer: TextTokenizer, prompts, *, cfg_weight: flo
     return np.asarray(model.vq_decode(np.asarray(codes)))
 
 
+def generation_nll(model, tokenizer: TextTokenizer, images, captions) -> np.ndarray:
+    """Per-image mean teacher-forced NLL of the VQ codes, float32 [n] (nats per code).
+
+    images: float32 [n, H, W, 3] in [-1, 1]; captions: n prompts. Prompts are left-padded to one
+    length, as in sampling; the codes are the model's own VQ encoding of the images.
+    """
+    tokens = model.config.tokens
+    ids = [chat_format.generation_prompt_ids(tokenizer, c, tokens) for c in captions]
+    length = max(map(len, ids))
+    padded = np.asarray([[tokens.pad_token_id] * (length - len(r)) + r for r in ids], np.int32)
+    mask = np.asarray([[0] * (length - len(r)) + [1] * len(r) for r in ids], np.int32)
+    codes = np.asarray(model.vq_encode(np.asarray(images, np.float32)))
+    logits = np.asarray(model.image_logits(padded, codes, mask), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, codes[..., None], -1)[..., 0]
+    return nll.mean(-1).astype(np.float32)
+
+
 def save_grid(images, path: str, cols: int) -> np.ndarray:
     """Writes images (float [N, H, W, 3] in about [-1, 1]) as one PNG grid; returns the grid
     (uint8 [rows * (H + pad), cols * (W + pad), 3]) so callers need not read the file back."""
@@ -106,6 +129,12 @@ def evaluate(model, tokenizer: TextTokenizer, data_cfg, eval_cfg, out_dir) -> di
         g = int(eval_cfg.get("grid_size", 8))
         grid = save_grid(images[: g * g], os.path.join(out_dir, SAMPLES_FILE), cols=g)
         gen["samples"] = SAMPLES_FILE
+        test_images, captions = pipeline.test_captioned_images(data_cfg, int(eval_cfg.num_generation))
+        nll = generation_nll(model, tokenizer, test_images, captions)
+        kinds = [shapes.parse_prompt(c).kind for c in captions]
+        gen["test_code_nll"] = {"overall": float(nll.mean()), "n": len(captions),
+                                "per_kind": {k: float(nll[[i for i, x in enumerate(kinds) if x == k]].mean())
+                                             for k in dict.fromkeys(kinds)}}
         result["generation"] = gen
     result["seconds"] = {"understanding": t1 - t0, "generation": time.perf_counter() - t1}
     with open(os.path.join(out_dir, EVAL_FILE), "w") as f:

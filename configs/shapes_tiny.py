@@ -5,7 +5,7 @@
 does everything: builds the shapes world into W/data, trains the VQ tokenizer into W/tokenizer
 (unless tokenizer.checkpoint names one), pretrains the SigLIP tower on caption concepts into
 W/vision (config.vision_pretrain; Janus starts from a pretrained SigLIP), trains the unified model
-on understanding alone for 100 steps (config.pre_stage, into W/pre_stage) and then on the mixture
+on understanding alone for 160 steps (config.pre_stage, into W/pre_stage) and then on the mixture
 (understanding : text : generation = 3 : 1 : 4, an understanding example being a dialogue
 of up to 4 questions, none answerable from the earlier answers; Janus-Pro stage 2: SigLIP and
 VQ frozen), exports W/model (unimm format + tokenizer.json), evaluates into W/eval.json and
@@ -29,10 +29,14 @@ Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23 and 2026
   since 2026-12-06 (session 8 recorded 0.846 / 96%, and 0.694 with 1200 steps of 128 images, the
   same images and time); a one-head attention readout of its tokens answers the eval's
   questions at 0.93-0.96, so the binding is there to read.
-- LLM 900 steps at ~0.6 s/step (layers unrolled; the CPU step is 1.76x faster since
-  2026-12-06, see benchmarks/RESULTS.md "Training step"; 500 steps at 1.1 s/step before). Hidden 192, 3
-  layers, 6 heads of 32 (3 of 64 before: the same FLOPs), lr 1e-3 (3e-3 washed the image information out of the answer position; 2e-3 with the
-  session-8 tower scored 0.68 against 0.78); loss = weighted mean of per-task means (train.task_weights, understanding
+- LLM: hidden 128, 3 layers, 4 heads of 32, MLP 384; 160 understanding steps then 1450 mixed at
+  ~0.37 s/step (layers unrolled). Since 2026-12-07 it replaces hidden 192 with 6 heads of 32 and
+  100 + 900 steps at ~0.6 s/step, in the same ~10 min: held-out generation NLL 0.581 against
+  0.604 (another init seed of the old model: 0.610) with the same understanding (0.815 against
+  0.813 on 756 test questions); hidden 96 with 220 + 2000 steps: 0.584 and 0.795, 4 or 5 layers
+  at hidden 128: 0.598 and 0.635 (benchmarks/RESULTS.md, session 14). lr 1e-3 (3e-3 washed the
+  image information out of the answer position; 2e-3 with the session-8 tower scored 0.68
+  against 0.78); loss = weighted mean of per-task means (train.task_weights, understanding
   weighted 2); gen_embed starts from the VQ's code vectors (train.gen_embed_from_vq).
 """
 import ml_collections
@@ -50,8 +54,8 @@ def shapes_model(**overrides) -> ml_collections.ConfigDict:
     """The shapes-world Janus (also used by configs/shapes_vq.py, so the VQs agree)."""
     tok = build_shapes_tokenizer()
     kwargs = dict(
-        vocab_size=tok.vocab_size, hidden_size=192, num_layers=3, num_heads=6, num_kv_heads=6, head_dim=32,
-        intermediate_size=512, rope_theta=10000.0, max_position_embeddings=1024,
+        vocab_size=tok.vocab_size, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=4, head_dim=32,
+        intermediate_size=384, rope_theta=10000.0, max_position_embeddings=1024,
         vision_hidden=128, vision_layers=2, vision_heads=4, image_size=64, patch_size=16,
         vq_base_channels=8, vq_channel_multiplier=(1, 1, 2, 4), vq_latent_channels=64,
         codebook_size=128, codebook_dim=8, num_res_blocks=0, **shapes_token_ids(tok))
@@ -109,11 +113,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # keeps it in stage 2; training it with the LLM learned understanding more slowly (0.64 vs 0.68).
     # 3:1:4 rather than Janus-Pro's 5:1:4: an understanding example is a dialogue of up to 4 questions.
     config.stage = stage_config(2, mixture=(3, 1, 4))
-    # First 100 steps of understanding only (W/pre_stage), then the mixture from their params: the
+    # First 160 steps of understanding only (W/pre_stage), then the mixture from their params: the
     # image-reading attention forms before generation shares the LLM (exists 0.93 against 0.58).
-    config.pre_stage = pre_stage_block(num_steps=100, stage=2, mixture=(1, 0, 0))
+    config.pre_stage = pre_stage_block(num_steps=160, stage=2, mixture=(1, 0, 0))
     # Task-mean loss: a one-word answer has ~2 loss tokens next to a generation example's 65.
-    config.train = train_block(num_steps=900, log_every=10, checkpoint_every=100, eval_every=0,
+    config.train = train_block(num_steps=1450, log_every=10, checkpoint_every=100, eval_every=0,
                                task_weights=dict(understanding=2.0, text=0.25, generation=1.0),
                                gen_embed_from_vq=True)
     config.eval = dict(num_understanding=200, num_generation=120, cfg_weight=3.0, temperature=1.0,

@@ -29,7 +29,9 @@ import numpy as np
 from unimm_jax.data import chat_format, shapes
 from unimm_jax.data.text_tokenizer import TextTokenizer
 from unimm_jax.evals import shapes_scorer
+from unimm_jax.losses import token_cross_entropy
 from unimm_jax.models.janus_config import num_understanding_tokens
+from unimm_jax.sample.batching import left_pad
 
 EVAL_FILE, SAMPLES_FILE = "eval.json", "samples.png"
 
@@ -71,16 +73,11 @@ def generation_nll(model, tokenizer: TextTokenizer, images, captions) -> np.ndar
     length, as in sampling; the codes are the model's own VQ encoding of the images.
     """
     tokens = model.config.tokens
-    ids = [chat_format.generation_prompt_ids(tokenizer, c, tokens) for c in captions]
-    length = max(map(len, ids))
-    padded = np.asarray([[tokens.pad_token_id] * (length - len(r)) + r for r in ids], np.int32)
-    mask = np.asarray([[0] * (length - len(r)) + [1] * len(r) for r in ids], np.int32)
-    codes = np.asarray(model.vq_encode(np.asarray(images, np.float32)))
-    logits = np.asarray(model.image_logits(padded, codes, mask), np.float64)
-    logits -= logits.max(-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, codes[..., None], -1)[..., 0]
-    return nll.mean(-1).astype(np.float32)
+    ids, mask = left_pad([chat_format.generation_prompt_ids(tokenizer, c, tokens) for c in captions],
+                         tokens.pad_token_id)
+    codes = model.vq_encode(np.asarray(images, np.float32))
+    nll = token_cross_entropy(model.image_logits(ids, codes, mask), codes)
+    return np.asarray(nll.mean(-1), np.float32)
 
 
 def save_grid(images, path: str, cols: int) -> np.ndarray:

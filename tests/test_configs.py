@@ -63,3 +63,12 @@ def test_shapes_configs_validate_and_share_one_vq():
     check_vq_matches(tiny.model.vq, vq.model.vq)
     assert tiny.model.vq.encoder_context == "local"
     assert tiny.tokenizer.to_dict() == vq.tokenizer.to_dict()
+
+
+def test_shapes_eval_config_scores_what_the_default_job_scores():
+    """`unimm-eval --config configs/evals/shapes.py` reproduces the default job's eval.json: the same
+    eval settings and dataset config (name), and understanding over the whole test split."""
+    tiny, ev = load("shapes_tiny"), load_module("evals/shapes").get_config()
+    assert ev.eval.to_dict() == tiny.eval.to_dict()
+    assert (ev.data.num_train, ev.data.num_test) == (tiny.data.num_train, tiny.data.num_test)
+    assert tiny.eval.num_understanding == tiny.data.num_test

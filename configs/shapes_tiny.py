@@ -31,9 +31,9 @@ Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23 and 2026
   at 1.5e-3 and 1e-3 lower; 9600 of 16: 0.87). The LLM's understanding follows the tower: 0.864 on
   the test split with the seed-0 tower of the old recipe, 0.892 with its seed-1 tower, 0.904 with
   4800 steps at 2e-3 (benchmarks/RESULTS.md, session 15).
-- LLM: hidden 128, 3 layers, 4 heads of 32, MLP 384; 160 understanding steps then 1300 mixed at
-  ~0.37-0.43 s/step (layers unrolled; 1450 until the tower took ~1 min more: with 1450 the job ran
-  20.2 min from a clean clone). Since 2026-12-07 it replaces hidden 192 with 6 heads of 32 and
+- LLM: hidden 128, 3 layers, 4 heads of 32, MLP 384; 160 understanding steps then 1450 mixed at
+  ~0.37-0.43 s/step (layers unrolled; 1300 saved ~1 min but left understanding at 0.900 against
+  0.924, generation 0.275 against 0.333 and NLL 0.588 against 0.575). Since 2026-12-07 it replaces hidden 192 with 6 heads of 32 and
   100 + 900 steps at ~0.6 s/step, in the same ~10 min: held-out generation NLL 0.581 against
   0.604 (another init seed of the old model: 0.610) with the same understanding (0.815 against
   0.813 on 756 test questions); hidden 96 with 220 + 2000 steps: 0.584 and 0.795, 4 or 5 layers
@@ -122,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # image-reading attention forms before generation shares the LLM (exists 0.93 against 0.58).
     config.pre_stage = pre_stage_block(num_steps=160, stage=2, mixture=(1, 0, 0))
     # Task-mean loss: a one-word answer has ~2 loss tokens next to a generation example's 65.
-    config.train = train_block(num_steps=1300, log_every=10, checkpoint_every=100, eval_every=0,
+    config.train = train_block(num_steps=1450, log_every=10, checkpoint_every=100, eval_every=0,
                                task_weights=dict(understanding=2.0, text=0.25, generation=1.0),
                                gen_embed_from_vq=True)
     # Understanding on every test image (one question each: the whole split) and generation on 360

@@ -14,7 +14,7 @@ Measured figures (time, accuracy per kind) and what each choice bought are in
 benchmarks/RESULTS.md ("Default job"): understanding 0.924 on the test split (target 0.9),
 generation 0.333 on 360 held-out prompts (target 0.6, not met).
 
-Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23 and 2026-12-06):
+Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23 and 2026-12-06/07):
 - VQ: 8x downsampling (64 codes per image, codebook 128 x 8), 8-channel levels with no encoder
   res blocks (~4x cheaper per step than 16 channels), a local encoder (vq.encoder_context: no
   attention, per-pixel norms, so an object's codes do not change with what else is in the
@@ -24,24 +24,25 @@ Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23 and 2026
   code (0.1-0.4 nats at white patches, was 4.8 over ~250 codes of 512). Held-out scenes' round
   trips score 0.742 / 0.792 (seeds 0 / 1) with the GenEval-style scorer (global encoder: 0.717 /
   0.692; local at 2000 steps: 0.583).
-- SigLIP patch 16: 16 understanding tokens per image; pretrained 8000 steps of 32 images at lr 2e-3
-  (~3 min) on pooled and per-token colour-shape concepts (token_weight). Held-out images (train
-  records 15000-15499, which the tower does not see) with all 18 concepts right, init seeds 0 / 1 / 2:
-  0.954 / 0.956 / 0.946 (tokens with all their concepts right 0.987-0.988), against 0.736 / 0.862 /
-  0.758 with the 4800 steps at lr 3e-3 used until 2026-12-07 (4800 at 2e-3: 0.828 / 0.846 / 0.818;
-  at 1.5e-3 and 1e-3 lower; 9600 of 16: 0.87). The LLM's understanding follows the tower: 0.864 on
-  the test split with the seed-0 tower of the old recipe, 0.892 with its seed-1 tower, 0.904 with
-  4800 steps at 2e-3 (benchmarks/RESULTS.md, session 15).
+- SigLIP patch 16: 16 understanding tokens per image; pretrained 8000 steps of 32 images at lr
+  2e-3 (~3 min) on pooled and per-token colour-shape concepts (token_weight). Held-out images
+  (train records 15000-15499, which the tower does not see) with all 18 concepts right, init seeds
+  0 / 1 / 2: 0.954 / 0.956 / 0.946 (tokens with all their concepts right 0.987-0.988), against
+  0.736 / 0.862 / 0.758 with the 4800 steps at lr 3e-3 used until 2026-12-07 (4800 at 2e-3: 0.828
+  / 0.846 / 0.818; at 1.5e-3 and 1e-3 lower; 9600 of 16: 0.87). The LLM's understanding follows
+  the tower: 0.864 on the test split with the seed-0 tower of the old recipe, 0.892 with its
+  seed-1 tower, 0.904 with 4800 steps at 2e-3 (benchmarks/RESULTS.md, session 15).
 - LLM: hidden 128, 3 layers, 4 heads of 32, MLP 384; 160 understanding steps then 1450 mixed at
   ~0.37-0.43 s/step (layers unrolled; 1300 saved ~1 min but left understanding at 0.900 against
-  0.924, generation 0.275 against 0.333 and NLL 0.588 against 0.575). Since 2026-12-07 it replaces hidden 192 with 6 heads of 32 and
-  100 + 900 steps at ~0.6 s/step, in the same ~10 min: held-out generation NLL 0.581 against
-  0.604 (another init seed of the old model: 0.610) with the same understanding (0.815 against
-  0.813 on 756 test questions); hidden 96 with 220 + 2000 steps: 0.584 and 0.795, 4 or 5 layers
-  at hidden 128: 0.598 and 0.635 (benchmarks/RESULTS.md, session 14). lr 1e-3 (3e-3 washed the
-  image information out of the answer position; 2e-3 with the session-8 tower scored 0.68
-  against 0.78); loss = weighted mean of per-task means (train.task_weights, understanding
-  weighted 2); gen_embed starts from the VQ's code vectors (train.gen_embed_from_vq).
+  0.924, generation 0.275 against 0.333 and NLL 0.588 against 0.575). Since 2026-12-07 it replaces
+  hidden 192 with 6 heads of 32 and 100 + 900 steps at ~0.6 s/step, in the same ~10 min: held-out
+  generation NLL 0.581 against 0.604 (another init seed of the old model: 0.610) with the same
+  understanding (0.815 against 0.813 on 756 test questions); hidden 96 with 220 + 2000 steps:
+  0.584 and 0.795, 4 or 5 layers at hidden 128: 0.598 and 0.635 (benchmarks/RESULTS.md, session
+  14). lr 1e-3 (3e-3 washed the image information out of the answer position; 2e-3 with the
+  session-8 tower scored 0.68 against 0.78); loss = weighted mean of per-task means
+  (train.task_weights, understanding weighted 2); gen_embed starts from the VQ's code vectors
+  (train.gen_embed_from_vq).
 """
 import ml_collections
 

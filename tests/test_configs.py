@@ -68,7 +68,7 @@ def test_shapes_configs_validate_and_share_one_vq():
 def test_shapes_eval_config_scores_what_the_default_job_scores():
     """`unimm-eval --config configs/evals/shapes.py` reproduces the default job's eval.json: the same
     eval settings and dataset config (name), and understanding over the whole test split."""
-    tiny, ev = load("shapes_tiny"), load_module("evals/shapes").get_config()
+    tiny, ev = load("shapes_tiny"), load("evals/shapes")
     assert ev.eval.to_dict() == tiny.eval.to_dict()
     assert (ev.data.num_train, ev.data.num_test) == (tiny.data.num_train, tiny.data.num_test)
     assert tiny.eval.num_understanding == tiny.data.num_test

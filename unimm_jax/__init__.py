@@ -8,13 +8,7 @@
 """
 __version__ = "0.1.0"
 
-# On CPU-only hosts, before jax starts any thread: glibc settings that stop XLA:CPU from
-# page-faulting its large temporaries in on every call (unimm_jax/host_malloc.py).
-from unimm_jax.host_malloc import tune_host_malloc  # noqa: E402
-
-tune_host_malloc()
-
 from unimm_jax.api import JanusModel, load_pretrained, save_pretrained  # noqa: E402
 from unimm_jax.models.vae import load_vae  # noqa: E402
 
-__all__ = ["JanusModel", "load_pretrained", "save_pretrained", "load_vae", "tune_host_malloc", "__version__"]
+__all__ = ["JanusModel", "load_pretrained", "save_pretrained", "load_vae", "__version__"]

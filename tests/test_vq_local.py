@@ -48,7 +48,8 @@ def _latents(vq, images, seed=0):
 def test_local_encoder_codes_ignore_far_away_pixels(context):
     """128 px -> a 16 x 16 latent grid. Paint an object into the top-left corner: a local
     encoder's latents at the bottom-right quarter (beyond its convolutions' reach of 5 latent
-    cells) stay bit-identical; the global encoder's (attention, image-wide GroupNorm) move."""
+    cells) stay the same up to float rounding; the global encoder's (attention, image-wide
+    GroupNorm) move."""
     white = np.ones((1, 128, 128, 3), np.float32)
     painted = white.copy()
     painted[0, 4:20, 4:20] = np.array([0.8, -0.8, -0.4], np.float32)
@@ -58,7 +59,9 @@ def test_local_encoder_codes_ignore_far_away_pixels(context):
     near = np.abs(z[0, :3, :3] - z[1, :3, :3]).max()
     assert near > 1e-3  # the object itself is seen by both encoders
     if context == "local":
-        assert far == 0.0
+        # Not bit-identical: XLA:CPU's kernels may round the batch's two rows differently
+        # (4e-7 on an AVX2-only host); a dependence on the object would be > 1e-4, as for global.
+        assert far < 1e-5
     else:
         assert far > 1e-4
 

@@ -11,6 +11,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from unimm_jax import host_malloc
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Eval config (configs/evals/NAME.py).", lock_config=True)
 _CKPT = flags.DEFINE_string("checkpoint", None, "Checkpoint dir or training workdir (uses WORKDIR/model).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for eval.json and samples.png.")
@@ -51,6 +53,9 @@ def main(argv) -> None:
 
 
 def run() -> None:
+    # XLA:CPU's large per-step temporaries in 2 MiB pages (unimm_jax/host_malloc.py): glibc reads
+    # the tunable only at process start, so this re-executes the command once, before any work.
+    host_malloc.reexec_with_hugetlb()
     app.run(main)
 
 

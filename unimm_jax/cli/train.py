@@ -22,6 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from unimm_jax import host_malloc
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, model, eval.")
 _COORD = flags.DEFINE_string("coordinator_address", os.environ.get("UNIMM_COORDINATOR"),
@@ -70,6 +72,8 @@ def main(argv) -> None:
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required.")
     logging.get_absl_handler().python_handler.addFilter(QuietLibraries())  # ABSLHandler.handle skips its own filters
+    if os.environ.get(host_malloc.REEXECUTED):
+        logging.info("host malloc: GLIBC_TUNABLES=%s (unimm_jax/host_malloc.py)", os.environ.get("GLIBC_TUNABLES"))
     init_distributed()
     import jax
 
@@ -95,6 +99,9 @@ def main(argv) -> None:
 
 def run() -> None:
     """Console-script entry point."""
+    # XLA:CPU's large per-step temporaries in 2 MiB pages (unimm_jax/host_malloc.py): glibc reads
+    # the tunable only at process start, so this re-executes the command once, before any work.
+    host_malloc.reexec_with_hugetlb()
     app.run(main)
 
 

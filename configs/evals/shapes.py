@@ -17,6 +17,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_train = 20000  # must match the training run's dataset config name
     config.data.num_test = 500
     # The default job's eval (configs/shapes_tiny.py): every test image's question, 360 prompts.
-    config.eval = dict(num_understanding=500, num_generation=360, cfg_weight=3.0, temperature=1.0,
+    config.eval = dict(num_understanding=500, num_generation=360, cfg_weight=2.0, temperature=0.8,
                        top_k=0, max_new_tokens=4, grid_size=8, seed=0)
     return config

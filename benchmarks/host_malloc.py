@@ -15,7 +15,6 @@ the generation images (the step's cost does not depend on the VQ's weights). Tim
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -31,12 +30,10 @@ def child(config_path: str, steps: int) -> dict:
     import time
 
     import jax
+    from unimm_jax.config_files import load_config
     from unimm_jax.train import loop, vq_trainer
 
-    spec = importlib.util.spec_from_file_location("bench_config", config_path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    config = load_config(config_path)
     work = tempfile.mkdtemp()
     config.data.num_train, config.data.num_test = 800, 50
     tokenizer, tokens = loop._shapes_setup(config, work)

@@ -24,7 +24,6 @@ accelerator, several (attention_impl, remat_policy, batch) variants in one proce
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import statistics
@@ -34,6 +33,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from unimm_jax.config_files import load_config
 
 
 def matmul_peak(n: int = 2048, iters: int = 10) -> float:
@@ -47,13 +48,6 @@ def matmul_peak(n: int = 2048, iters: int = 10) -> float:
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
-
-
-def load_config(path):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def understanding_batch(m, b: int, t: int, seed: int = 0) -> dict:

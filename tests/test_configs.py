@@ -1,9 +1,9 @@
 """The shipped configs hold the reference's exact values and pass validation."""
-import importlib.util
 import os
 
 import pytest
 
+from unimm_jax.config_files import load_config, load_config_module
 from unimm_jax.models.janus_config import num_image_tokens, num_understanding_tokens, validate_janus_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -11,10 +11,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 def load_module(name):
     """configs/<name>.py as a module (configs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_config_module(os.path.join(ROOT, name + ".py"))
 
 
 def load(name, arg=None):
@@ -72,3 +69,16 @@ def test_shapes_eval_config_scores_what_the_default_job_scores():
     assert ev.eval.to_dict() == tiny.eval.to_dict()
     assert (ev.data.num_train, ev.data.num_test) == (tiny.data.num_train, tiny.data.num_test)
     assert tiny.eval.num_understanding == tiny.data.num_test
+
+
+def test_load_config_by_path_passes_arg_and_names_bad_paths(tmp_path):
+    f = tmp_path / "mine.py"
+    f.write_text("import ml_collections\n\ndef get_config(arg=None):\n"
+                 "    return ml_collections.ConfigDict(dict(arg=arg, n=3))\n")
+    assert load_config(str(f), "x").to_dict() == {"arg": "x", "n": 3}
+    assert load_config_module(str(f)).__name__ == "mine"
+    with pytest.raises(FileNotFoundError, match="nope.py does not exist"):
+        load_config(str(tmp_path / "nope.py"))
+    (tmp_path / "empty.py").write_text("X = 1\n")
+    with pytest.raises(AttributeError, match="has no get_config"):
+        load_config(str(tmp_path / "empty.py"))

@@ -232,16 +232,13 @@ def test_config_and_batch_errors_name_the_field():
 
 
 def test_configs_load_and_match_the_reference_sizes():
-    import importlib.util
     import os
 
+    from unimm_jax.config_files import load_config
     from unimm_jax.convert.janusflow_checkpoint import abstract_flow_params
 
     def load(name):
-        spec = importlib.util.spec_from_file_location(name, os.path.join("configs", f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod.get_config()
+        return load_config(os.path.join("configs", f"{name}.py"))
 
     big = load("janusflow_1_3b").model
     validate_janusflow_config(big)

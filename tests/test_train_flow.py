@@ -1,7 +1,6 @@
 """JanusFlow through the shared trainer (`loop.train` with `flow_step.FLOW_HOOKS`): the Grain flow
 batches, the loss going down, exact resume, 2x2x2-mesh == 1-device losses, and `unimm-train`'s
 whole flow job (export loadable by load_pretrained, eval.json, samples.png)."""
-import importlib.util
 import json
 import os
 
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from unimm_jax.config_files import load_config_module
 from unimm_jax.data import shapes
 from unimm_jax.data.chat_format import generation_prompt_ids
 from unimm_jax.data.shapes_vocab import build_shapes_tokenizer
@@ -22,11 +22,8 @@ S, NUM_RECORDS = 32, 48
 
 
 def _config_module():
-    spec = importlib.util.spec_from_file_location("shapes_flow_tiny", os.path.join(
+    return load_config_module(os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes_flow_tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_flow_config(mesh=(1, 1, 1), steps=3, batch=8, **train):

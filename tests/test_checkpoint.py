@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import grain
 import jax
@@ -14,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unimm_jax.sharding import make_mesh, params_shardings
-from unimm_jax.train.checkpoint import Checkpointer, load_params, save_params
+from unimm_jax.train.checkpoint import Checkpointer, load_params, save_params, shared_preemption_guard
 from unimm_jax.train.optimizer import default_config, make_optimizer, stage_trainable
 from unimm_jax.train.state import TrainState, abstract_train_state, state_shardings
 
@@ -184,6 +185,71 @@ def test_preemption_guard_sets_the_flag_and_restores_handlers(tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)
                 signal.getsignal(signal.SIGINT)  # a bytecode boundary for the handler to run
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_worker_threads_take_their_stop_from_the_shared_guard(tmp_path):
+    """Stages in worker threads (loop._encoder_stages) enter their preemption_guard inside the main
+    thread's shared_preemption_guard: one signal stops them all; without it they refuse."""
+    before = signal.getsignal(signal.SIGTERM)
+    seen, errors = {}, []
+
+    def stage(name, started, release):
+        try:
+            with Checkpointer(tmp_path / name) as ck, ck.preemption_guard():
+                seen[name + "_before"] = ck.should_stop
+                started.set()
+                release.wait(30)
+                seen[name + "_after"] = ck.should_stop
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def run_two():
+        events = [(threading.Event(), threading.Event()) for _ in range(2)]
+        threads = [threading.Thread(target=stage, args=(f"s{i}", *ev)) for i, ev in enumerate(events)]
+        for t in threads:
+            t.start()
+        for started, _ in events:
+            assert started.wait(30)
+        return threads, events
+
+    with shared_preemption_guard() as stop:
+        threads, events = run_two()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled here, in the main thread
+        signal.getsignal(signal.SIGTERM)
+        assert stop.is_set()
+        for _, release in events:
+            release.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    assert seen == {"s0_before": False, "s1_before": False, "s0_after": True, "s1_after": True}
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    # Outside a shared guard a worker thread cannot take signals: a clear error, not a silent no-op;
+    # and the shared guard itself belongs to the main thread.
+    def in_thread(fn):
+        out = []
+
+        def target():
+            try:
+                fn()
+            except RuntimeError as e:
+                out.append(e)
+        t = threading.Thread(target=target)
+        t.start()
+        t.join(30)
+        return out
+
+    def worker_guard():
+        with Checkpointer(tmp_path / "s2") as ck, ck.preemption_guard():
+            pass
+
+    def worker_shared():
+        with shared_preemption_guard():
+            pass
+
+    assert "inside the main thread's shared_preemption_guard" in str(in_thread(worker_guard)[0])
+    assert "must be entered from the main thread" in str(in_thread(worker_shared)[0])
 
 
 def test_params_only_save_and_load(tmp_path):

@@ -25,8 +25,9 @@ def tiny_job_config():
     c.data.image_size, c.data.num_train, c.data.num_test = 32, 48, 8
     c.data.batch_size, c.data.seq_len = 8, 128  # one row per (fake) device
     c.tokenizer.update(num_steps=4, batch_size=4, warmup_steps=1, restart_every=2, checkpoint_every=2, log_every=2)
+    # One after the other: the resume test below stops inside each stage in turn.
     c.vision_pretrain.update(num_steps=4, batch_size=8, warmup_steps=1, num_images=32, checkpoint_every=2,
-                             log_every=2)
+                             log_every=2, concurrent_with_tokenizer=False)
     c.optim.warmup_steps = 1
     c.train.update(num_steps=3, log_every=1, checkpoint_every=2, progress_bar=False, tensorboard=False)
     c.pre_stage.num_steps = 2

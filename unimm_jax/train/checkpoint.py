@@ -19,6 +19,8 @@ Restoring re-shards: leaves are read onto whatever shardings the abstract state 
 
 Preemption: inside `with ckpt.preemption_guard():` SIGTERM/SIGINT only set `ckpt.should_stop`;
 the loop checks it, saves with force=True and exits cleanly. A second SIGINT interrupts at once.
+Stages run in worker threads (loop.py runs the tokenizer and vision stages side by side) enter
+their guards inside the main thread's `shared_preemption_guard()`, whose event stops them all.
 
 Params-only export dirs (`save_params`/`load_params`): the params tree alone, as the `params/`
 dir of the `unimm` model format (orbax items of bounded-size leaf groups + an index; see
@@ -100,6 +102,7 @@ class Checkpointer:
             ),
         )
         self._stop = threading.Event()
+        self._shared_stop: threading.Event | None = None  # a shared_preemption_guard's, while in one
 
     # -- paths and steps ------------------------------------------------------------------------
 
@@ -197,8 +200,10 @@ class Checkpointer:
 
     @property
     def should_stop(self) -> bool:
-        """True once SIGTERM/SIGINT arrived inside `preemption_guard` (or `request_stop`)."""
-        return self._stop.is_set()
+        """True once SIGTERM/SIGINT arrived inside `preemption_guard` (or `request_stop`, or the
+        enclosing `shared_preemption_guard`'s event was set)."""
+        shared = self._shared_stop
+        return self._stop.is_set() or (shared is not None and shared.is_set())
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -234,24 +239,59 @@ class Checkpointer:
 
         The loop then saves (force=True) and returns normally. A second SIGINT raises
         KeyboardInterrupt, so an impatient Ctrl-C still works. Previous handlers come back on exit.
-        Must be entered from the main thread (Python delivers signals only there).
+        Must be entered from the main thread (Python delivers signals only there), or from a worker
+        thread while the main thread holds a `shared_preemption_guard`, which then stops it.
         """
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("preemption_guard must be entered from the main thread.")
-
-        def handler(signum, frame):
-            if signum == signal.SIGINT and self._stop.is_set():
-                raise KeyboardInterrupt
-            logging.warning("received %s: will save a checkpoint and stop.",
-                            signal.Signals(signum).name)
-            self._stop.set()
-
-        previous = {s: signal.signal(s, handler) for s in signals}
+        if threading.current_thread() is threading.main_thread():
+            with _stop_on_signals(self._stop, signals):
+                yield self
+            return
+        if _SHARED_STOP is None:
+            raise RuntimeError("preemption_guard must be entered from the main thread, or from a worker "
+                               "thread inside the main thread's shared_preemption_guard().")
+        self._shared_stop = _SHARED_STOP
         try:
             yield self
         finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+            self._shared_stop = None
+
+
+_SHARED_STOP: threading.Event | None = None  # the active shared_preemption_guard's event
+
+
+@contextlib.contextmanager
+def _stop_on_signals(event: threading.Event, signals) -> Iterator[threading.Event]:
+    """The given signals set `event` (a second SIGINT raises KeyboardInterrupt) until exit."""
+    def handler(signum, frame):
+        if signum == signal.SIGINT and event.is_set():
+            raise KeyboardInterrupt
+        logging.warning("received %s: will save a checkpoint and stop.", signal.Signals(signum).name)
+        event.set()
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield event
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def shared_preemption_guard(signals=(signal.SIGTERM, signal.SIGINT)) -> Iterator[threading.Event]:
+    """Main thread: while inside, stages running in worker threads may enter their
+    `Checkpointer.preemption_guard()`; a signal (or setting the yielded event, e.g. when one stage
+    fails) makes every such stage save and stop at its next step."""
+    global _SHARED_STOP
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("shared_preemption_guard must be entered from the main thread.")
+    if _SHARED_STOP is not None:
+        raise RuntimeError("shared_preemption_guard is already active.")
+    with _stop_on_signals(threading.Event(), signals) as event:
+        _SHARED_STOP = event
+        try:
+            yield event
+        finally:
+            _SHARED_STOP = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ Data sources (`config.data.source`):
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Callable, Mapping
 
@@ -47,7 +48,7 @@ from unimm_jax.models.janus import Janus
 from unimm_jax.models.janus_config import num_image_tokens, num_understanding_tokens, validate_janus_config
 from unimm_jax.models.vq import l2_normalize
 from unimm_jax.train import step as step_lib
-from unimm_jax.train.checkpoint import Checkpointer
+from unimm_jax.train.checkpoint import Checkpointer, shared_preemption_guard
 from unimm_jax.train.metrics import MetricsLogger
 from unimm_jax.train.optimizer import make_optimizer, make_schedule, stage_trainable, trainable_mask
 from unimm_jax.train.state import TrainState, abstract_train_state, state_shardings
@@ -605,6 +606,45 @@ def _vision_stage(config, workdir):
     return out
 
 
+def _encoder_stages(config, workdir):
+    """(`_tokenizer_stage`'s result, `_vision_stage`'s result): one after the other, or side by
+    side in two threads when config.vision_pretrain.concurrent_with_tokenizer is set, both stages
+    train here, and the run is single-process. Each stage's small steps leave part of the CPU
+    idle: side by side they took 161 s where one after the other took 220 s (2-core CPU,
+    benchmarks/RESULTS.md, session 17). Their results do not depend on it (separate data, params
+    and RNGs). A signal stops both (each saves; re-running resumes both); if one stage raises,
+    the other is stopped at its next step and the error is re-raised here."""
+    pre = config.get("vision_pretrain")
+    side_by_side = (pre is not None and bool(pre.get("concurrent_with_tokenizer", False))
+                    and int(pre.get("num_steps", 0)) > 0 and not config.tokenizer.get("checkpoint", "")
+                    and jax.process_count() == 1)
+    if not side_by_side:
+        vq_params = _tokenizer_stage(config, workdir)
+        if vq_params is None:  # preempted: the vision stage has not started
+            return None, None
+        return vq_params, _vision_stage(config, workdir)
+    results = {}
+    with shared_preemption_guard() as stop:
+        def work(name, stage):
+            try:
+                results[name] = stage(config, workdir)
+            except BaseException as e:  # noqa: BLE001  (re-raised in the main thread below)
+                results[name] = e
+                stop.set()
+
+        threads = [threading.Thread(target=work, args=(name, stage), name=f"unimm-{name}-stage", daemon=True)
+                   for name, stage in (("tokenizer", _tokenizer_stage), ("vision", _vision_stage))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # short joins: the main thread must stay free to take signals
+                t.join(0.5)
+    for name in ("tokenizer", "vision"):
+        if isinstance(results[name], BaseException):
+            raise results[name]
+    return results["tokenizer"], results["vision"]
+
+
 def _with_pretrained(params, subtrees):
     """params with the named subtrees (e.g. {"vq": ..., "vision": ...}) replaced by the given
     arrays, each cast and placed like the leaf it replaces. Raises ValueError naming the leaf when
@@ -685,16 +725,15 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         out.pop("trainer")
         return out
     tokenizer, tokens = _shapes_setup(config, workdir)
-    vq_params = _tokenizer_stage(config, workdir)
+    vq_params, vision = _encoder_stages(config, workdir)
     if vq_params is None:  # preempted during the tokenizer stage
         return {"step": 0, "stopped_early": True, "stage": "tokenizer", "last": {}}
+    if vision is not None and vision["stopped_early"]:  # preempted: re-running the command resumes it
+        return {"step": 0, "stopped_early": True, "stage": "vision", "last": {}}
     encoder = _vq_encoder(config.model, vq_params)
     pretrained = {"vq": vq_params}
     if config.train.get("gen_embed_from_vq", False):
         pretrained["gen_embed"] = gen_embed_from_vq(vq_params)
-    vision = _vision_stage(config, workdir)
-    if vision is not None and vision["stopped_early"]:  # preempted: re-running the command resumes it
-        return {"step": 0, "stopped_early": True, "stage": "vision", "last": {}}
     if vision is not None:
         pretrained["vision"] = vision["params"]
 

@@ -63,6 +63,9 @@ def vision_pretrain_block(**overrides) -> ml_collections.ConfigDict:
         token_weight=0.0,  # weight of the per-token concept loss (0 = pooled concepts only)
         checkpoint_every=500,  # steps between resumable checkpoints in <vision dir>/ckpt
         log_every=100,
+        # Train side by side with the VQ tokenizer stage (two threads; single-process runs whose
+        # tokenizer is trained in the same job): loop._encoder_stages.
+        concurrent_with_tokenizer=False,
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)

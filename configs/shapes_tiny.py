@@ -3,8 +3,8 @@
     unimm-train --config configs/shapes_tiny.py --workdir /tmp/shapes
 
 does everything: builds the shapes world into W/data, trains the VQ tokenizer into W/tokenizer
-(unless tokenizer.checkpoint names one), pretrains the SigLIP tower on caption concepts into
-W/vision (config.vision_pretrain; Janus starts from a pretrained SigLIP), trains the unified model
+(unless tokenizer.checkpoint names one) and, side by side with it, pretrains the SigLIP tower on
+caption concepts into W/vision (config.vision_pretrain; Janus starts from a pretrained SigLIP), trains the unified model
 on understanding alone for 160 steps (config.pre_stage, into W/pre_stage) and then on the mixture
 (understanding : text : generation = 3 : 1 : 4, an understanding example being a dialogue
 of up to 4 questions, none answerable from the earlier answers; Janus-Pro stage 2: SigLIP and

@@ -51,9 +51,7 @@ def child(config_path: str, steps: int) -> dict:
         if i >= 3:
             times.append(time.perf_counter() - t)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    return dict(hugetlb="glibc.malloc.hugetlb=1" in tunables, step_ms=1e3 * statistics.median(times), faults_per_step=faults,
-                loss=float(metrics["loss"]))
+    return dict(step_ms=1e3 * statistics.median(times), faults_per_step=faults, loss=float(metrics["loss"]))
 
 
 def main():
@@ -69,7 +67,7 @@ def main():
         return
     from unimm_jax import host_malloc
 
-    if not host_malloc.glibc_supports_hugetlb() or host_malloc.thp_mode() in (None, "never"):
+    if not host_malloc.hugetlb_available():
         sys.exit(f"needs Linux glibc >= 2.35 and transparent huge pages (THP mode: {host_malloc.thp_mode()}).")
     rows = {m: [] for m in MODES}
     for r in range(args.rounds):

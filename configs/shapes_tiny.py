@@ -4,12 +4,12 @@
 
 does everything: builds the shapes world into W/data, trains the VQ tokenizer into W/tokenizer
 (unless tokenizer.checkpoint names one) and, side by side with it, pretrains the SigLIP tower on
-caption concepts into W/vision (config.vision_pretrain; Janus starts from a pretrained SigLIP), trains the unified model
-on understanding alone for 160 steps (config.pre_stage, into W/pre_stage) and then on the mixture
-(understanding : text : generation = 3 : 1 : 4, an understanding example being a dialogue
-of up to 4 questions, none answerable from the earlier answers; Janus-Pro stage 2: SigLIP and
-VQ frozen), exports W/model (unimm format + tokenizer.json), evaluates into W/eval.json and
-writes W/samples.png.
+caption concepts into W/vision (config.vision_pretrain; Janus starts from a pretrained SigLIP),
+trains the unified model on understanding alone for 160 steps (config.pre_stage, into
+W/pre_stage) and then on the mixture (understanding : text : generation = 3 : 1 : 4, an
+understanding example being a dialogue of up to 4 questions, none answerable from the earlier
+answers; Janus-Pro stage 2: SigLIP and VQ frozen), exports W/model (unimm format +
+tokenizer.json), evaluates into W/eval.json and writes W/samples.png.
 Measured figures (time, accuracy per kind) and what each choice bought are in
 benchmarks/RESULTS.md ("Default job"): understanding 0.920 on the test split (target 0.9),
 generation 0.314 on 360 held-out prompts (target 0.6, not met; session 17, clean clone).

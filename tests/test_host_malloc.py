@@ -8,8 +8,7 @@ import pytest
 
 from unimm_jax import host_malloc
 
-SUPPORTED = host_malloc.glibc_supports_hugetlb() and host_malloc.thp_mode() in ("always", "madvise")
-needs_thp = pytest.mark.skipif(not SUPPORTED, reason="needs Linux glibc >= 2.35 and THP not 'never'")
+needs_thp = pytest.mark.skipif(not host_malloc.hugetlb_available(), reason="needs Linux glibc >= 2.35 and THP not 'never'")
 
 
 @pytest.fixture
@@ -50,6 +49,12 @@ def test_hugetlb_environ_when_and_when_not(glibc_ok):
 def test_hugetlb_environ_off_glibc(monkeypatch):
     monkeypatch.setattr(host_malloc, "glibc_supports_hugetlb", lambda: False)
     assert host_malloc.hugetlb_environ({"JAX_PLATFORMS": "cpu"}, thp="madvise") is None
+    assert not host_malloc.hugetlb_available("always")
+
+
+def test_hugetlb_available_needs_thp(glibc_ok):
+    assert host_malloc.hugetlb_available("madvise") and host_malloc.hugetlb_available("always")
+    assert not host_malloc.hugetlb_available("never") and not host_malloc.hugetlb_available(None)
 
 
 def test_bad_mode_names_the_variable(glibc_ok):

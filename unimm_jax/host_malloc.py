@@ -8,8 +8,8 @@ step the kernel faults in ~93k 4 KiB pages as XLA first writes them (160k faults
 quarter of the CPU time spent in the kernel on a 2-core VM).
 
 With the glibc tunable `glibc.malloc.hugetlb=1` malloc madvises its mmapped chunks for
-transparent huge pages, so the same buffer arrives in 2 MiB pages: ~180 faults per step instead
-of ~93k (benchmarks/host_malloc.py; figures in benchmarks/RESULTS.md). Unlike M_ARENA_MAX=1
+transparent huge pages, so the same buffer arrives in 2 MiB pages: ~350 faults per step instead
+of ~94k (benchmarks/host_malloc.py; figures in benchmarks/RESULTS.md). Unlike M_ARENA_MAX=1
 (which also stops the faults, tried and reverted in dc014bf), it leaves glibc's arenas alone, so
 the many-small-op stages (VQ, SigLIP) keep their speed.
 
@@ -68,6 +68,12 @@ def thp_mode(path: str = THP_ENABLED) -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def hugetlb_available(thp: str | None = "read") -> bool:
+    """Whether the tunable can work here: Linux glibc >= 2.35 and a THP mode other than "never"
+    (`thp`: the mode, "read" = read it from sysfs)."""
+    return glibc_supports_hugetlb() and (thp_mode() if thp == "read" else thp) not in (None, "never")
+
+
 def with_hugetlb(tunables: str) -> str:
     """GLIBC_TUNABLES value `tunables` (colon-separated name=value) with hugetlb=1 added."""
     parts = [p for p in tunables.split(":") if p]
@@ -85,9 +91,7 @@ def hugetlb_environ(environ=None, *, mode: str | None = None, thp: str | None = 
     if mode not in MODES:
         raise ValueError(f"{ENV_VAR}={mode!r} is not one of {MODES}; unset it or pick one.")
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if mode == "default" or environ.get(REEXECUTED) or f"{TUNABLE}=" in tunables or not glibc_supports_hugetlb():
-        return None
-    if (thp_mode() if thp == "read" else thp) in (None, "never"):
+    if mode == "default" or environ.get(REEXECUTED) or f"{TUNABLE}=" in tunables or not hugetlb_available(thp):
         return None
     if mode == "auto" and accelerator_visible(environ):
         return None

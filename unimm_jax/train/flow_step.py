@@ -153,5 +153,12 @@ def synthetic_flow_batch(model_cfg, batch_size: int, prompt_len: int, seed: int,
 
 
 # What the trainer (`loop.Trainer`) swaps in for config.kind == "janusflow": see loop.model_hooks.
+def _flow_logical_axes(model_cfg):
+    from unimm_jax.flow_api import janusflow_logical_axes
+
+    return janusflow_logical_axes(model_cfg)
+
+
 FLOW_HOOKS = dict(validate=validate_janusflow_config, module=JanusFlow, init_params=init_flow_params_sharded,
-                  train_step=flow_train_step, check_batch=check_flow_train_batch)
+                  train_step=flow_train_step, check_batch=check_flow_train_batch,
+                  logical_axes=_flow_logical_axes)

@@ -233,7 +233,8 @@ def init_params(model_cfg, mesh, rules, seed: int):
 
 
 JANUS_HOOKS = dict(validate=validate_janus_config, module=Janus, init_params=init_params,
-                   train_step=step_lib.train_step, check_batch=step_lib.check_train_batch)
+                   train_step=step_lib.train_step, check_batch=step_lib.check_train_batch,
+                   logical_axes=logical_axes)
 
 
 def is_flow(config) -> bool:
@@ -244,7 +245,8 @@ def is_flow(config) -> bool:
 def model_hooks(config) -> dict:
     """The model-specific pieces the Trainer uses: validate(model_cfg), module(model_cfg),
     init_params(model_cfg, mesh, rules, seed) -> (params, shardings), train_step(state, batch,
-    module=, tx=, schedule=, grad_accum_steps=), check_batch(host batch, model_cfg, batch_divisor=).
+    module=, tx=, schedule=, grad_accum_steps=), check_batch(host batch, model_cfg, batch_divisor=),
+    logical_axes(model_cfg) -> PartitionSpecs like the params (for optim.optimizer="muon").
     Janus's by default; `flow_step.FLOW_HOOKS` (rectified flow + REPA) for JanusFlow."""
     if is_flow(config):
         from unimm_jax.train.flow_step import FLOW_HOOKS
@@ -391,7 +393,8 @@ class Trainer:
         if init_params_fn is not None:
             params = init_params_fn(params)
         self.trainable = stage_trainable(config.get("stage", None))
-        self.tx = make_optimizer(config.optim, params, self.trainable, total_steps=int(config.train.num_steps))
+        self.tx = make_optimizer(config.optim, params, self.trainable, total_steps=int(config.train.num_steps),
+                                 logical_axes=self.hooks["logical_axes"](config.model))
         self.schedule = make_schedule(config.optim, int(config.train.num_steps))
         pa = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           params, self.param_shardings)

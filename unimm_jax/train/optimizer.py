@@ -10,6 +10,9 @@ The chain, innermost first:
                                          effective clip bound);
   2. `adamw(schedule, b1, b2, eps, weight_decay, mask=decay_mask)`   decoupled weight decay,
                                          multiplied by the learning rate as in PyTorch's AdamW;
+                                         with `optimizer="muon"` the hidden weight matrices take
+                                         Muon's orthogonalised momentum instead (train/muon.py)
+                                         and every other leaf this AdamW;
   3. `multi_transform({"trainable": 1-2, "frozen": set_to_zero()})`   only when some params are
                                          frozen: frozen params get zero updates, and since they are
                                          masked out of 1-2, no Adam moments either.
@@ -62,7 +65,13 @@ OPTIM_FIELDS: dict[str, Any] = {
     "grad_accum_steps": 1,  # micro-batches per update, summed in the train step (train/accumulate.py)
     "no_decay": (),  # extra path patterns excluded from weight decay (e.g. "embed")
     "total_steps": None,  # optimizer updates in the schedule; or pass total_steps=
+    "optimizer": "adamw",  # "adamw", or "muon": hidden weight matrices by Muon (train/muon.py)
+    "muon_beta": 0.95,  # Muon's Nesterov momentum
+    "muon_ns_steps": 5,  # Newton-Schulz iterations orthogonalising the momentum
+    "muon_rms": 0.2,  # Muon update RMS, matched to AdamW's so learning_rate / weight_decay carry over
 }
+
+OPTIMIZERS = ("adamw", "muon")
 
 _NO_DECAY_NAMES = ("bias", "scale")
 
@@ -235,6 +244,14 @@ def validate_config(optim_cfg: Mapping) -> ml_collections.ConfigDict:
     cfg["no_decay"] = tuple(cfg["no_decay"] or ())
     if cfg["total_steps"] is not None and (not is_int(cfg["total_steps"]) or cfg["total_steps"] < 1):
         bad("total_steps", "must be None or an integer >= 1")
+    if cfg["optimizer"] not in OPTIMIZERS:
+        bad("optimizer", f"is not one of {OPTIMIZERS}")
+    if not is_num(cfg["muon_beta"]) or not 0 <= cfg["muon_beta"] < 1:
+        bad("muon_beta", "must be in [0, 1)")
+    if not is_int(cfg["muon_ns_steps"]) or cfg["muon_ns_steps"] < 1:
+        bad("muon_ns_steps", "must be an integer >= 1")
+    if not is_num(cfg["muon_rms"]) or cfg["muon_rms"] <= 0:
+        bad("muon_rms", "must be a positive number")
     return ml_collections.ConfigDict(cfg)
 
 
@@ -300,6 +317,7 @@ def make_optimizer(
     trainable: TrainablePredicate | None = None,
     *,
     total_steps: int | None = None,
+    logical_axes=None,
 ) -> optax.GradientTransformation:
     """Builds the training optimizer (see module docstring for the chain and the rules).
 
@@ -309,6 +327,8 @@ def make_optimizer(
       trainable: `(path tuple, leaf) -> bool`; None trains everything. A `StageTrainable` is also
         checked for patterns that match nothing.
       total_steps: optimizer updates in the schedule (falls back to optim.total_steps).
+      logical_axes: a tree like params of PartitionSpecs of logical axis names; required by
+        `optimizer="muon"`, which picks its matrices by them (train/muon.py).
     Returns:
       An optax GradientTransformation; its `update` takes float32 grads shaped like params.
     """
@@ -335,9 +355,13 @@ def make_optimizer(
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(
-        learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, mask=_by_path(decay_by_path, "weight-decay mask")))
+    decay_mask = _by_path(decay_by_path, "weight-decay mask")
+    adamw = optax.adamw(learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.optimizer == "muon":
+        parts.append(_muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw))
+    else:
+        parts.append(adamw)
     tx = optax.chain(*parts)
     if all(train_by_path.values()):
         return tx
@@ -345,6 +369,25 @@ def make_optimizer(
     return optax.multi_transform(
         {"trainable": tx, "frozen": optax.set_to_zero()},
         _by_path(labels, "trainable labels"))
+
+
+def _muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw):
+    """Muon on the hidden matrices, `adamw` on every other leaf (train/muon.py)."""
+    from unimm_jax.train import muon
+
+    if logical_axes is None:
+        raise ValueError("optim.optimizer='muon' needs the model's logical axes to pick its "
+                         "matrices: pass make_optimizer(..., logical_axes=...).")
+    dims = muon.muon_leaves(params, logical_axes)
+    if not any(d is not None for d in dims.values()):
+        raise ValueError("optim.optimizer='muon': no parameter is a hidden weight matrix "
+                         "(train/muon.py's rule); use optimizer='adamw'.")
+    matrices = muon.muon_matrices(
+        schedule, _by_path(dims, "muon dimension numbers"), beta=cfg.muon_beta,
+        ns_steps=cfg.muon_ns_steps, rms=cfg.muon_rms, weight_decay=cfg.weight_decay,
+        decay_mask=decay_mask)
+    labels = {p: "muon" if d is not None else "adamw" for p, d in dims.items()}
+    return optax.multi_transform({"muon": matrices, "adamw": adamw}, _by_path(labels, "muon labels"))
 
 
 def trainable_mask(params, trainable: TrainablePredicate | None) -> Any:

@@ -10,7 +10,7 @@ from optax.contrib import MuonDimensionNumbers as D
 from test_train_loop import _losses
 from test_train_step import tiny_train_config
 from unimm_jax.train import loop
-from unimm_jax.train.muon import muon_dimension_numbers, muon_leaves
+from unimm_jax.train.muon import describe, muon_dimension_numbers, muon_leaves
 from unimm_jax.train.optimizer import default_config, make_optimizer, path_str
 
 
@@ -40,6 +40,11 @@ def test_rank_mismatch_and_missing_axes_are_errors():
     params = {"a": {"kernel": jnp.zeros((4, 4))}, "b": {"kernel": jnp.zeros((4, 4))}}
     with pytest.raises(ValueError, match="no logical axes for parameter 'b/kernel'"):
         muon_leaves(params, {"a": {"kernel": P("embed", "mlp")}})
+
+
+def test_describe_counts_muon_and_adamw_leaves():
+    assert describe({("a", "kernel"): D(), ("b", "kernel"): D(), ("c", "bias"): None}) == \
+        "optimizer: Muon on 2 weight matrices, AdamW on the other 1 leaves"
 
 
 def _layered():

@@ -25,7 +25,7 @@ that shards the params, `unimm_jax.api.logical_axes`), by `muon_dimension_number
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -119,9 +119,6 @@ def muon_matrices(schedule: optax.Schedule, dims_fn: Callable[[Any], Any], *, be
 
 
 def describe(dims: Mapping[Path, MuonDimensionNumbers | None]) -> str:
-    """One log line: how many leaves train with Muon and with AdamW."""
+    """One log line: how many of the (trainable) leaves `dims` holds take Muon and AdamW."""
     n_muon = sum(d is not None for d in dims.values())
-    return f"muon: {n_muon} matrices orthogonalised, {len(dims) - n_muon} leaves on AdamW"
-
-
-__all__: Sequence[str] = ("muon_dimension_numbers", "muon_leaves", "muon_matrices", "scale_to_rms", "describe")
+    return f"optimizer: Muon on {n_muon} weight matrices, AdamW on the other {len(dims) - n_muon} leaves"

@@ -359,7 +359,7 @@ def make_optimizer(
     adamw = optax.adamw(learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.optimizer == "muon":
-        parts.append(_muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw))
+        parts.append(_muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw, train_by_path))
     else:
         parts.append(adamw)
     tx = optax.chain(*parts)
@@ -371,7 +371,7 @@ def make_optimizer(
         _by_path(labels, "trainable labels"))
 
 
-def _muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw):
+def _muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw, train_by_path):
     """Muon on the hidden matrices, `adamw` on every other leaf (train/muon.py)."""
     from unimm_jax.train import muon
 
@@ -386,6 +386,9 @@ def _muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw):
         schedule, _by_path(dims, "muon dimension numbers"), beta=cfg.muon_beta,
         ns_steps=cfg.muon_ns_steps, rms=cfg.muon_rms, weight_decay=cfg.weight_decay,
         decay_mask=decay_mask)
+    from absl import logging
+
+    logging.info(muon.describe({p: d for p, d in dims.items() if train_by_path.get(p, True)}))
     labels = {p: "muon" if d is not None else "adamw" for p, d in dims.items()}
     return optax.multi_transform({"muon": matrices, "adamw": adamw}, _by_path(labels, "muon labels"))
 

@@ -393,8 +393,10 @@ class Trainer:
         if init_params_fn is not None:
             params = init_params_fn(params)
         self.trainable = stage_trainable(config.get("stage", None))
+        # Muon picks its matrices by logical axis names; an abstract init of the model finds them.
+        muon = config.optim.get("optimizer", "adamw") == "muon"
         self.tx = make_optimizer(config.optim, params, self.trainable, total_steps=int(config.train.num_steps),
-                                 logical_axes=self.hooks["logical_axes"](config.model))
+                                 logical_axes=self.hooks["logical_axes"](config.model) if muon else None)
         self.schedule = make_schedule(config.optim, int(config.train.num_steps))
         pa = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           params, self.param_shardings)

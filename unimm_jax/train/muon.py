@@ -91,11 +91,9 @@ def muon_leaves(params, logical_axes) -> dict[Path, MuonDimensionNumbers | None]
 def scale_to_rms(dims_fn: Callable[[Any], Any], rms: float) -> optax.GradientTransformation:
     """Multiplies each orthogonalised update by rms * sqrt(max(fan_in, fan_out))."""
 
-    def scale(u, dims):
-        red = (dims.reduction_axis,) if isinstance(dims.reduction_axis, int) else dims.reduction_axis
-        out = (dims.output_axis,) if isinstance(dims.output_axis, int) else dims.output_axis
-        fan_in = math.prod(u.shape[a] for a in red)
-        fan_out = math.prod(u.shape[a] for a in out)
+    def scale(u, dims):  # dims from muon_dimension_numbers: tuples of axes
+        fan_in = math.prod(u.shape[a] for a in dims.reduction_axis)
+        fan_out = math.prod(u.shape[a] for a in dims.output_axis)
         return u * jnp.asarray(rms * math.sqrt(max(fan_in, fan_out)), u.dtype)
 
     def update(updates, state, params=None):

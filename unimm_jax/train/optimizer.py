@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import ml_collections
 import optax
+from absl import logging
 from flax.core import meta as flax_meta
 
 Path = tuple[str, ...]
@@ -386,8 +387,6 @@ def _muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw, trai
         schedule, _by_path(dims, "muon dimension numbers"), beta=cfg.muon_beta,
         ns_steps=cfg.muon_ns_steps, rms=cfg.muon_rms, weight_decay=cfg.weight_decay,
         decay_mask=decay_mask)
-    from absl import logging
-
     logging.info(muon.describe({p: d for p, d in dims.items() if train_by_path.get(p, True)}))
     labels = {p: "muon" if d is not None else "adamw" for p, d in dims.items()}
     return optax.multi_transform({"muon": matrices, "adamw": adamw}, _by_path(labels, "muon labels"))

@@ -130,6 +130,13 @@ def test_muon_needs_logical_axes_and_a_matrix():
     params, axes = _layered()
     with pytest.raises(ValueError, match="needs the model's logical axes"):
         make_optimizer(default_config(optimizer="muon"), params, total_steps=10)
+    # a function giving the axes is called for Muon only
+    calls = []
+    make_optimizer(default_config(), params, total_steps=10, logical_axes=lambda: calls.append(1))
+    assert calls == []
+    make_optimizer(default_config(optimizer="muon"), params, total_steps=10,
+                   logical_axes=lambda: calls.append(1) or axes)
+    assert calls == [1]
     only_head = {"head": params["head"]}
     with pytest.raises(ValueError, match="no parameter is a hidden weight matrix"):
         make_optimizer(default_config(optimizer="muon"), only_head, total_steps=10,

@@ -393,10 +393,9 @@ class Trainer:
         if init_params_fn is not None:
             params = init_params_fn(params)
         self.trainable = stage_trainable(config.get("stage", None))
-        # Muon picks its matrices by logical axis names; an abstract init of the model finds them.
-        muon = config.optim.get("optimizer", "adamw") == "muon"
+        # Lazily: Muon alone needs the logical axes, which an abstract init of the model finds.
         self.tx = make_optimizer(config.optim, params, self.trainable, total_steps=int(config.train.num_steps),
-                                 logical_axes=self.hooks["logical_axes"](config.model) if muon else None)
+                                 logical_axes=lambda: self.hooks["logical_axes"](config.model))
         self.schedule = make_schedule(config.optim, int(config.train.num_steps))
         pa = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           params, self.param_shardings)

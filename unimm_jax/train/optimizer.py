@@ -328,8 +328,9 @@ def make_optimizer(
       trainable: `(path tuple, leaf) -> bool`; None trains everything. A `StageTrainable` is also
         checked for patterns that match nothing.
       total_steps: optimizer updates in the schedule (falls back to optim.total_steps).
-      logical_axes: a tree like params of PartitionSpecs of logical axis names; required by
-        `optimizer="muon"`, which picks its matrices by them (train/muon.py).
+      logical_axes: a tree like params of PartitionSpecs of logical axis names, or a function of
+        no arguments returning it (called only when needed); required by `optimizer="muon"`,
+        which picks its matrices by them (train/muon.py).
     Returns:
       An optax GradientTransformation; its `update` takes float32 grads shaped like params.
     """
@@ -379,6 +380,8 @@ def _muon_and_adamw(cfg, params, logical_axes, schedule, decay_mask, adamw, trai
     if logical_axes is None:
         raise ValueError("optim.optimizer='muon' needs the model's logical axes to pick its "
                          "matrices: pass make_optimizer(..., logical_axes=...).")
+    if callable(logical_axes):
+        logical_axes = logical_axes()
     dims = muon.muon_leaves(params, logical_axes)
     if not any(d is not None for d in dims.values()):
         raise ValueError("optim.optimizer='muon': no parameter is a hidden weight matrix "

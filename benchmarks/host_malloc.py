@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 
 MODES = ("default", "hugetlb")
 
@@ -30,16 +29,10 @@ def child(config_path: str, steps: int) -> dict:
     import time
 
     import jax
-    from unimm_jax.config_files import load_config
-    from unimm_jax.train import loop, vq_trainer
+    from job_batches import default_job_batches
+    from unimm_jax.train import loop
 
-    config = load_config(config_path)
-    work = tempfile.mkdtemp()
-    config.data.num_train, config.data.num_test = 800, 50
-    tokenizer, tokens = loop._shapes_setup(config, work)
-    encoder = loop._vq_encoder(config.model, vq_trainer.init_vq(config.model.vq, 0))
-    data = loop.make_data_iterator(config, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens)
-    batches = [next(data) for _ in range(steps + 3)]
+    config, work, batches = default_job_batches(config_path, steps + 3)
     trainer = loop.Trainer(config, os.path.join(work, "run"), devices=jax.devices()[:1])
     state, times = trainer.state, []
     for i, b in enumerate(batches):

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 import jax
+from job_batches import default_job_batches
 
 from unimm_jax import host_malloc
-from unimm_jax.config_files import load_config
-from unimm_jax.train import loop, vq_trainer
+from unimm_jax.train import loop
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -36,13 +35,7 @@ def main():
     args = ap.parse_args()
     host_malloc.reexec_with_hugetlb()
 
-    config = load_config(args.config)
-    work = tempfile.mkdtemp()
-    config.data.num_train, config.data.num_test = 800, 50
-    tokenizer, tokens = loop._shapes_setup(config, work)
-    encoder = loop._vq_encoder(config.model, vq_trainer.init_vq(config.model.vq, 0))
-    data = loop.make_data_iterator(config, image_encoder=encoder, tokenizer=tokenizer, tokens=tokens)
-    batches = [next(data) for _ in range(args.steps)]
+    config, work, batches = default_job_batches(args.config, args.steps)
     trainers, states = {}, {}
     for name in OPTIMIZERS:
         c = config.copy_and_resolve_references()

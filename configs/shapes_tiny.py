@@ -11,8 +11,8 @@ understanding example being a dialogue of up to 4 questions, none answerable fro
 answers; Janus-Pro stage 2: SigLIP and VQ frozen), exports W/model (unimm format +
 tokenizer.json), evaluates into W/eval.json and writes W/samples.png.
 Measured figures (time, accuracy per kind) and what each choice bought are in
-benchmarks/RESULTS.md ("Default job"): understanding 0.956 on the test split (target 0.9),
-generation 0.567 on 360 held-out prompts (target 0.6, not met; session 18, clean clone).
+benchmarks/RESULTS.md ("Default job"): understanding 0.960 on the test split (target 0.9),
+generation 0.617 on 360 held-out prompts (target 0.6; session 19, clean clone, 25.3 min with pip).
 
 Sized for a 2-core CPU (choices measured on this machine, 2026-11-22/23 and 2026-12-06/07):
 - VQ: 8x downsampling (64 codes per image, codebook 128 x 8), 8-channel levels with no encoder
